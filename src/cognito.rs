@@ -1,0 +1,171 @@
+//! The Cognito side: one SDK client built at start, one call, and the
+//! classification of everything that call can fail with.
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::SdkConfig;
+use aws_sdk_cognitoidentityprovider::{
+    Client,
+    config::{
+        Builder as CognitoConfigBuilder,
+        retry::{RetryConfig, RetryPartition},
+        timeout::TimeoutConfig,
+    },
+    error::{ProvideErrorMetadata, SdkError},
+    operation::{RequestId, admin_user_global_sign_out::AdminUserGlobalSignOutError},
+};
+
+use crate::{
+    domain::{UserPoolId, Username},
+    error::{UpstreamError, UpstreamErrorKind},
+};
+
+/// Error codes AWS returns when it refuses *our* identity (credentials,
+/// signature or IAM permission) rather than the request itself. They are not
+/// in Cognito's model, so the SDK reports them as unmodelled errors.
+const AWS_AUTH_ERROR_CODES: &[&str] = &[
+    "AccessDeniedException",
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "ExpiredTokenException",
+    "ExpiredToken",
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+];
+
+/// How the service talks to Cognito: endpoint, timeouts and retries.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// Endpoint override (moto, a VPC endpoint); `None` is the regional default.
+    pub endpoint: Option<String>,
+    /// TCP + TLS connect timeout of one attempt.
+    pub connect_timeout: Duration,
+    /// Time allowed for one attempt, connect included.
+    pub attempt_timeout: Duration,
+    /// Time allowed for the whole call, retries and backoff included.
+    pub operation_timeout: Duration,
+    /// Attempts per call, the first one included (1 disables retries).
+    pub max_attempts: u32,
+    /// Backoff before the first retry; later ones grow exponentially.
+    pub initial_backoff: Duration,
+}
+
+/// What Cognito confirmed.
+#[derive(Debug, Clone)]
+pub struct SignedOut {
+    /// `x-amzn-requestid` of the successful call.
+    pub aws_request_id: String,
+    /// When the confirmation arrived.
+    pub at: SystemTime,
+}
+
+/// The Cognito client; cheap to clone (the SDK client is an `Arc` inside).
+#[derive(Debug, Clone)]
+pub struct Cognito {
+    client: Client,
+}
+
+impl Cognito {
+    /// Builds the client from the AWS shared config (region, credentials)
+    /// with our endpoint, timeouts and retry policy on top.
+    pub fn new(sdk_config: &SdkConfig, settings: &UpstreamSettings) -> Self {
+        let retry = RetryConfig::standard()
+            .with_max_attempts(settings.max_attempts)
+            .with_initial_backoff(settings.initial_backoff);
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(settings.connect_timeout)
+            .operation_attempt_timeout(settings.attempt_timeout)
+            .operation_timeout(settings.operation_timeout)
+            .build();
+        let mut config = CognitoConfigBuilder::from(sdk_config)
+            .retry_config(retry)
+            .timeout_config(timeouts)
+            // The SDK shares its retry token bucket between all clients of a
+            // partition in the process; a partition per endpoint keeps a test
+            // fake's failures from draining the budget of the real endpoint.
+            .retry_partition(RetryPartition::new(format!(
+                "session-service-{}",
+                settings.endpoint.as_deref().unwrap_or("default")
+            )));
+        if let Some(endpoint) = &settings.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        Self {
+            client: Client::from_conf(config.build()),
+        }
+    }
+
+    /// Calls AdminUserGlobalSignOut once (the SDK retries inside), giving up
+    /// after `budget` however far the SDK got.
+    pub async fn global_sign_out(
+        &self,
+        pool: &UserPoolId,
+        username: &Username,
+        budget: Duration,
+    ) -> Result<SignedOut, UpstreamError> {
+        let call = self
+            .client
+            .admin_user_global_sign_out()
+            .user_pool_id(pool.as_str())
+            .username(username.expose())
+            .send();
+        match tokio::time::timeout(budget, call).await {
+            Ok(Ok(output)) => Ok(SignedOut {
+                aws_request_id: output.request_id().unwrap_or_default().to_owned(),
+                at: SystemTime::now(),
+            }),
+            Ok(Err(error)) => Err(classify(error)),
+            Err(elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout, elapsed)),
+        }
+    }
+}
+
+type SignOutSdkError = SdkError<
+    AdminUserGlobalSignOutError,
+    aws_sdk_cognitoidentityprovider::config::http::HttpResponse,
+>;
+
+/// Sorts an SDK failure into one row of the status table.
+fn classify(error: SignOutSdkError) -> UpstreamError {
+    use UpstreamErrorKind as K;
+    let aws_request_id = error.request_id().map(str::to_owned);
+    let (kind, cognito_code) = match &error {
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            let code = err.code().map(str::to_owned);
+            let kind = match err {
+                AdminUserGlobalSignOutError::UserNotFoundException(_) => K::UserNotFound,
+                AdminUserGlobalSignOutError::ResourceNotFoundException(_) => K::UserPoolNotFound,
+                AdminUserGlobalSignOutError::InvalidParameterException(_) => K::InvalidParameter,
+                AdminUserGlobalSignOutError::NotAuthorizedException(_) => K::NotAuthorized,
+                AdminUserGlobalSignOutError::OperationNotEnabledException(_) => {
+                    K::OperationNotEnabled
+                }
+                AdminUserGlobalSignOutError::TooManyRequestsException(_) => K::Throttled,
+                AdminUserGlobalSignOutError::InternalErrorException(_) => K::InternalError,
+                _ => match code.as_deref() {
+                    Some(code) if AWS_AUTH_ERROR_CODES.contains(&code) => K::AuthFailed,
+                    Some(_) => K::Unexpected,
+                    // An error status with no error code we can read: a proxy
+                    // or load balancer page, not a Cognito answer.
+                    None => K::BadResponse,
+                },
+            };
+            (kind, code)
+        }
+        SdkError::TimeoutError(_) => (K::Timeout, None),
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => (K::Timeout, None),
+        SdkError::DispatchFailure(_) => (K::Unreachable, None),
+        SdkError::ResponseError(_) => (K::BadResponse, None),
+        // Building the request failed before anything was sent; with a fixed,
+        // valid input this means the credentials (or region) could not be had.
+        SdkError::ConstructionFailure(_) => (K::AuthFailed, None),
+        _ => (K::Unexpected, None),
+    };
+    let mut upstream = UpstreamError::new(kind, error);
+    upstream.aws_request_id = aws_request_id;
+    upstream.cognito_code = cognito_code;
+    upstream
+}

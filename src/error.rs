@@ -1,0 +1,341 @@
+//! The one error type of a sign-out and the one place that turns it into a
+//! gRPC status. Callers get a short, safe message plus machine-readable
+//! details; the full cause chain stays in the logs.
+
+use std::{collections::HashMap, error::Error as StdError, fmt, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::InvalidField;
+
+/// `google.rpc.ErrorInfo.domain` of every error this service returns.
+pub const ERROR_DOMAIN: &str = "session-service";
+
+/// How long a caller should wait before retrying a retryable failure. Cognito
+/// publishes no better hint; one second is the SDK's own initial backoff.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a sign-out did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SignOutError {
+    /// A request field is malformed; nothing was sent upstream.
+    #[error(transparent)]
+    InvalidField(#[from] InvalidField),
+    /// No pool in the request and no default configured.
+    #[error("no user pool id in the request and no default configured")]
+    UserPoolRequired,
+    /// The pool is outside the configured allow list.
+    #[error("user pool is not in the allowed list")]
+    UserPoolNotAllowed,
+    /// Cognito was called and the call failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// A failed AdminUserGlobalSignOut call, after the SDK's own retries.
+#[derive(Debug, thiserror::Error)]
+#[error("Cognito AdminUserGlobalSignOut failed ({kind:?})")]
+pub struct UpstreamError {
+    /// What kind of failure it was: decides the gRPC status.
+    pub kind: UpstreamErrorKind,
+    /// `x-amzn-requestid` of the failed call, when Cognito answered.
+    pub aws_request_id: Option<String>,
+    /// The Cognito error code, such as `UserNotFoundException`.
+    pub cognito_code: Option<String>,
+    #[source]
+    source: BoxError,
+}
+
+impl UpstreamError {
+    /// Wraps the SDK's error with what we learned from it.
+    pub fn new(kind: UpstreamErrorKind, source: impl Into<BoxError>) -> Self {
+        Self {
+            kind,
+            aws_request_id: None,
+            cognito_code: None,
+            source: source.into(),
+        }
+    }
+}
+
+/// The failures callers can tell apart; one row each in the status table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// UserNotFoundException.
+    UserNotFound,
+    /// ResourceNotFoundException: the pool does not exist.
+    UserPoolNotFound,
+    /// InvalidParameterException.
+    InvalidParameter,
+    /// NotAuthorizedException.
+    NotAuthorized,
+    /// OperationNotEnabledException.
+    OperationNotEnabled,
+    /// TooManyRequestsException, still there after the SDK's retries.
+    Throttled,
+    /// InternalErrorException (HTTP 500).
+    InternalError,
+    /// Our own AWS identity was refused or could not be loaded.
+    AuthFailed,
+    /// Any other error code Cognito sent.
+    Unexpected,
+    /// The SDK's timeouts or the caller's deadline ran out.
+    Timeout,
+    /// Connection refused, DNS, TLS or other I/O failure.
+    Unreachable,
+    /// Cognito's reply could not be understood.
+    BadResponse,
+}
+
+/// One row of the status table.
+struct StatusRow {
+    code: Code,
+    reason: &'static str,
+    message: &'static str,
+    retryable: bool,
+}
+
+const fn row(
+    code: Code,
+    reason: &'static str,
+    message: &'static str,
+    retryable: bool,
+) -> StatusRow {
+    StatusRow {
+        code,
+        reason,
+        message,
+        retryable,
+    }
+}
+
+impl UpstreamErrorKind {
+    fn status_row(self) -> StatusRow {
+        use UpstreamErrorKind as K;
+        match self {
+            K::UserNotFound => row(
+                Code::NotFound,
+                "USER_NOT_FOUND",
+                "user not found in the user pool",
+                false,
+            ),
+            K::UserPoolNotFound => row(
+                Code::NotFound,
+                "USER_POOL_NOT_FOUND",
+                "user pool not found",
+                false,
+            ),
+            K::InvalidParameter => row(
+                Code::InvalidArgument,
+                "COGNITO_INVALID_PARAMETER",
+                "Cognito rejected a request parameter",
+                false,
+            ),
+            K::NotAuthorized => row(
+                Code::PermissionDenied,
+                "COGNITO_NOT_AUTHORIZED",
+                "Cognito refused the sign-out",
+                false,
+            ),
+            K::OperationNotEnabled => row(
+                Code::FailedPrecondition,
+                "COGNITO_OPERATION_NOT_ENABLED",
+                "the operation is not enabled for this user pool",
+                false,
+            ),
+            K::Throttled => row(
+                Code::ResourceExhausted,
+                "COGNITO_THROTTLED",
+                "Cognito is throttling requests",
+                true,
+            ),
+            K::InternalError => row(
+                Code::Unavailable,
+                "COGNITO_INTERNAL_ERROR",
+                "Cognito had an internal error",
+                true,
+            ),
+            K::AuthFailed => row(
+                Code::Internal,
+                "UPSTREAM_AUTH_FAILED",
+                "the service could not authenticate to Cognito",
+                false,
+            ),
+            K::Unexpected => row(
+                Code::Internal,
+                "COGNITO_UNEXPECTED_ERROR",
+                "Cognito returned an unexpected error",
+                false,
+            ),
+            K::Timeout => row(
+                Code::DeadlineExceeded,
+                "UPSTREAM_TIMEOUT",
+                "Cognito did not answer in time",
+                false,
+            ),
+            K::Unreachable => row(
+                Code::Unavailable,
+                "COGNITO_UNREACHABLE",
+                "Cognito could not be reached",
+                true,
+            ),
+            K::BadResponse => row(
+                Code::Unavailable,
+                "COGNITO_BAD_RESPONSE",
+                "Cognito's response could not be understood",
+                true,
+            ),
+        }
+    }
+}
+
+impl SignOutError {
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidField(_) | Self::UserPoolRequired => Code::InvalidArgument,
+            Self::UserPoolNotAllowed => Code::PermissionDenied,
+            Self::Upstream(upstream) => upstream.kind.status_row().code,
+        }
+    }
+
+    /// True for failures that are the service's or Cognito's fault rather
+    /// than the caller's: they are logged at error level.
+    pub fn is_server_fault(&self) -> bool {
+        matches!(
+            self.code(),
+            Code::Internal | Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
+        )
+    }
+}
+
+impl From<SignOutError> for Status {
+    fn from(error: SignOutError) -> Self {
+        let mut metadata = HashMap::new();
+        let (row, mut details) = match &error {
+            SignOutError::InvalidField(invalid) => (
+                row(
+                    Code::InvalidArgument,
+                    "INVALID_FIELD",
+                    "invalid request",
+                    false,
+                ),
+                ErrorDetails::with_bad_request_violation(invalid.field, invalid.description),
+            ),
+            SignOutError::UserPoolRequired => (
+                row(
+                    Code::InvalidArgument,
+                    "USER_POOL_REQUIRED",
+                    "user_pool_id is required: the server has no default pool",
+                    false,
+                ),
+                ErrorDetails::with_bad_request_violation(
+                    "user_pool_id",
+                    "required: the server has no default user pool",
+                ),
+            ),
+            SignOutError::UserPoolNotAllowed => (
+                row(
+                    Code::PermissionDenied,
+                    "USER_POOL_NOT_ALLOWED",
+                    "this service may not act on that user pool",
+                    false,
+                ),
+                ErrorDetails::new(),
+            ),
+            SignOutError::Upstream(upstream) => {
+                if let Some(id) = &upstream.aws_request_id {
+                    metadata.insert("aws_request_id".to_owned(), id.clone());
+                }
+                if let Some(code) = &upstream.cognito_code {
+                    metadata.insert("cognito_error_code".to_owned(), code.clone());
+                }
+                (upstream.kind.status_row(), ErrorDetails::new())
+            }
+        };
+        details.set_error_info(row.reason, ERROR_DOMAIN, metadata);
+        if row.retryable {
+            details.set_retry_info(Some(RETRY_DELAY));
+        }
+        Status::with_error_details(row.code, row.message, details)
+    }
+}
+
+/// Displays an error with every `source()` below it, `: `-separated, for logs.
+pub struct ErrorChain<'a>(pub &'a (dyn StdError + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(kind: UpstreamErrorKind) -> SignOutError {
+        let mut error = UpstreamError::new(kind, "boom");
+        error.aws_request_id = Some("req-1".into());
+        error.cognito_code = Some("SomeException".into());
+        error.into()
+    }
+
+    #[test]
+    fn every_status_carries_error_info_in_our_domain() {
+        let status = Status::from(upstream(UpstreamErrorKind::UserNotFound));
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.reason, "USER_NOT_FOUND");
+        assert_eq!(info.metadata["aws_request_id"], "req-1");
+        assert_eq!(info.metadata["cognito_error_code"], "SomeException");
+        assert!(status.get_details_retry_info().is_none());
+    }
+
+    #[test]
+    fn retryable_rows_carry_retry_info() {
+        use UpstreamErrorKind as K;
+        for kind in [
+            K::Throttled,
+            K::InternalError,
+            K::Unreachable,
+            K::BadResponse,
+        ] {
+            let status = Status::from(upstream(kind));
+            assert!(status.get_details_retry_info().is_some(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn messages_never_echo_the_upstream_cause() {
+        let status = Status::from(upstream(UpstreamErrorKind::Unexpected));
+        assert!(!status.message().contains("boom"));
+    }
+
+    #[test]
+    fn invalid_fields_name_the_field_in_a_bad_request() {
+        let status = Status::from(SignOutError::from(InvalidField {
+            field: "username",
+            description: "too long",
+        }));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let bad_request = status.get_details_bad_request().expect("bad request");
+        assert_eq!(bad_request.field_violations[0].field, "username");
+    }
+
+    #[test]
+    fn the_error_chain_shows_every_cause() {
+        let error = SignOutError::from(UpstreamError::new(UpstreamErrorKind::Timeout, "slow"));
+        let text = ErrorChain(&error).to_string();
+        assert!(text.ends_with(": slow"), "{text}");
+    }
+}

@@ -1,0 +1,26 @@
+//! session-service: a gRPC facade that signs a user out of every device
+//! through Amazon Cognito AdminUserGlobalSignOut.
+//!
+//! The request path, in order: [`startup`] (transport, health, reflection) →
+//! [`service`] (handler) → [`domain`] (validation) → [`pools`] (which pool) →
+//! [`cognito`] (the SDK call) → [`error`] (the status table).
+
+pub mod cognito;
+pub mod config;
+pub mod deadline;
+pub mod domain;
+pub mod error;
+pub mod pools;
+pub mod service;
+pub mod startup;
+pub mod telemetry;
+
+/// Code generated from `proto/session/v1/session.proto`.
+#[allow(clippy::all, clippy::pedantic, unreachable_pub)]
+pub mod proto {
+    tonic::include_proto!("session.v1");
+
+    /// Encoded descriptors of our protos, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/session_descriptor.bin"));
+}

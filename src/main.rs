@@ -1,0 +1,53 @@
+//! Entry point: parse flags, start logging, load the AWS chain, serve until
+//! SIGTERM/SIGINT. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use session_service::{config::Config, startup::Application, telemetry};
+
+/// EX_USAGE from sysexits.h: the command line or environment was wrong.
+const EXIT_USAGE: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::try_parse() {
+        Ok(config) => config,
+        // --help and --version are "errors" that belong on stdout.
+        Err(help) if !help.use_stderr() => {
+            let _ = help.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let rendered = error.render().to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    telemetry::init(telemetry::subscriber(
+        config.log_format,
+        "info",
+        std::io::stdout,
+    ));
+
+    let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let app = match Application::build(&config, &sdk_config).await {
+        Ok(app) => app,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(error.exit_code());
+        }
+    };
+    match app
+        .run_until_stopped(session_service::startup::shutdown_signal())
+        .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}

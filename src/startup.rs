@@ -1,0 +1,189 @@
+//! Assembles the gRPC server (the API, health, reflection) and runs it until
+//! a shutdown signal, draining in-flight calls within a bounded grace.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use aws_config::SdkConfig;
+use tokio::net::TcpListener;
+use tonic::{server::NamedService, transport::Server, transport::server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    cognito::Cognito,
+    config::Config,
+    pools::DefaultPoolNotAllowed,
+    proto::{self, session_service_server::SessionServiceServer},
+    service::SessionApi,
+};
+
+/// Largest request the API decodes. A GlobalSignOutRequest is under 200 bytes;
+/// anything near this is hostile, and refusing it costs nothing.
+const MAX_REQUEST_BYTES: usize = 4 * 1024;
+
+/// Why the server could not start. Each maps to a process exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// Flags that are valid one by one but not together.
+    #[error(transparent)]
+    Config(#[from] DefaultPoolNotAllowed),
+    /// The AWS chain gave no region, so there is no Cognito endpoint.
+    #[error("no AWS region configured: set AWS_REGION (or a profile with a region)")]
+    NoRegion,
+    /// The listen address is taken or not ours.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address from `--listen`.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The embedded descriptor sets did not load (a build problem).
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+impl StartupError {
+    /// 64 (EX_USAGE) for configuration mistakes, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::NoRegion => 64,
+            Self::Bind { .. } | Self::Reflection(_) => 1,
+        }
+    }
+}
+
+/// A bound, ready-to-run server. Bind to port 0 and read [`Self::local_addr`]
+/// to run one per test.
+pub struct Application {
+    incoming: TcpIncoming,
+    local_addr: SocketAddr,
+    api: SessionApi,
+    shutdown_grace: Duration,
+}
+
+impl Application {
+    /// Validates the configuration, builds the Cognito client and binds the
+    /// listener. Nothing is served until [`Self::run_until_stopped`].
+    pub async fn build(config: &Config, sdk_config: &SdkConfig) -> Result<Self, StartupError> {
+        let pools = config.pool_policy()?;
+        if sdk_config.region().is_none() {
+            return Err(StartupError::NoRegion);
+        }
+        let cognito = Cognito::new(sdk_config, &config.upstream());
+        let bind_error = |source| StartupError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
+        let local_addr = listener.local_addr().map_err(bind_error)?;
+        Ok(Self {
+            incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
+            local_addr,
+            api: SessionApi::new(cognito, pools, config.upstream_timeout),
+            shutdown_grace: config.shutdown_grace,
+        })
+    }
+
+    /// The address actually bound (the real port when `--listen` said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves, then: health NOT_SERVING, stop
+    /// accepting, let in-flight calls finish for at most the shutdown grace.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartupError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let api = SessionServiceServer::new(self.api).max_decoding_message_size(MAX_REQUEST_BYTES);
+        let reflection_v1 = reflection().build_v1()?;
+        // grpcurl up to 1.8.x only speaks v1alpha.
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel();
+        let stop_accepting = {
+            let health = health.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested: health NOT_SERVING, draining");
+                set_health(&health, ServingStatus::NotServing).await;
+                let _ = draining_tx.send(());
+            }
+        };
+
+        set_health(&health, ServingStatus::Serving).await;
+        tracing::info!(addr = %self.local_addr, "serving session.v1.SessionService");
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(api)
+            .serve_with_incoming_shutdown(self.incoming, stop_accepting);
+
+        // tonic waits for every connection to close, with no limit: an idle
+        // keep-alive client or a Health/Watch stream would hold us forever.
+        let grace = self.shutdown_grace;
+        let grace_expired = async move {
+            if draining_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = server => {
+                if let Err(error) = result {
+                    tracing::error!(%error, "server stopped with an error");
+                }
+                tracing::info!("drained; exiting");
+            }
+            () = grace_expired => {
+                tracing::warn!(grace = ?grace, "shutdown grace ran out; closing remaining connections");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The same status for the whole server (`""`) and for the API itself.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <SessionServiceServer<SessionApi> as NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Reflection over our API, health and the google.rpc error details, so that
+/// grpcurl can describe the service and decode error details with no protos.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Resolves on the first SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
