@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use aws_config::SdkConfig;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_cognitoidentityprovider::{
     Client,
     config::{
@@ -155,17 +156,29 @@ fn classify(error: SignOutSdkError) -> UpstreamError {
             };
             (kind, code)
         }
+        // The credentials chain failing (nothing configured, IRSA token
+        // unreadable, STS refusing) is reported as a dispatch failure.
+        _ if caused_by::<CredentialsError>(&error) => (K::AuthFailed, None),
         SdkError::TimeoutError(_) => (K::Timeout, None),
         SdkError::DispatchFailure(failure) if failure.is_timeout() => (K::Timeout, None),
         SdkError::DispatchFailure(_) => (K::Unreachable, None),
         SdkError::ResponseError(_) => (K::BadResponse, None),
-        // Building the request failed before anything was sent; with a fixed,
-        // valid input this means the credentials (or region) could not be had.
-        SdkError::ConstructionFailure(_) => (K::AuthFailed, None),
         _ => (K::Unexpected, None),
     };
     let mut upstream = UpstreamError::new(kind, error);
     upstream.aws_request_id = aws_request_id;
     upstream.cognito_code = cognito_code;
     upstream
+}
+
+/// True when an error of type `E` is anywhere in `error`'s source chain.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(cause) = current {
+        if cause.is::<E>() {
+            return true;
+        }
+        current = cause.source();
+    }
+    false
 }

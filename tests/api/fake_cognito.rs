@@ -1,0 +1,155 @@
+//! A fake Cognito over real HTTP: it answers AWS JSON 1.1 bytes, so the real
+//! SDK parses them, and records what it was sent.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+/// The request id the fake puts on every reply.
+pub(crate) const FAKE_REQUEST_ID: &str = "3f2b5c1e-8d4a-4e7b-9c1f-0a1b2c3d4e5f";
+
+/// What the fake answers to every request.
+#[derive(Debug, Clone)]
+pub(crate) enum Reply {
+    /// HTTP 200 `{}`.
+    Ok,
+    /// An AWS JSON 1.1 error, as Cognito sends it.
+    AwsError { status: u16, code: &'static str },
+    /// Arbitrary bytes, for replies Cognito would never send.
+    Raw {
+        status: u16,
+        content_type: &'static str,
+        body: &'static str,
+    },
+    /// The inner reply after a delay (a slow Cognito).
+    Delayed(Duration, Box<Reply>),
+}
+
+/// One request the fake received.
+#[derive(Debug, Clone)]
+pub(crate) struct Recorded {
+    pub(crate) target: Option<String>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) signed: bool,
+    pub(crate) body: serde_json::Value,
+}
+
+pub(crate) struct FakeCognito {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    server: JoinHandle<()>,
+}
+
+impl FakeCognito {
+    pub(crate) async fn start(reply: Reply) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
+        let addr = listener.local_addr().expect("fake addr");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let recorded = requests.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let recorded = recorded.clone();
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |request| handle(request, reply.clone(), recorded.clone()));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            requests,
+            server,
+        }
+    }
+
+    pub(crate) fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub(crate) fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().expect("not poisoned").clone()
+    }
+}
+
+impl Drop for FakeCognito {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn handle(
+    request: Request<hyper::body::Incoming>,
+    reply: Reply,
+    recorded: Arc<Mutex<Vec<Recorded>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let target = header("x-amz-target");
+    let content_type = header("content-type");
+    let signed = header("authorization").is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    recorded.lock().expect("not poisoned").push(Recorded {
+        target,
+        content_type,
+        signed,
+        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    });
+    Ok(respond(reply).await)
+}
+
+async fn respond(reply: Reply) -> Response<Full<Bytes>> {
+    let mut reply = reply;
+    while let Reply::Delayed(delay, inner) = reply {
+        tokio::time::sleep(delay).await;
+        reply = *inner;
+    }
+    let builder = Response::builder()
+        .header("x-amzn-requestid", FAKE_REQUEST_ID)
+        .header("content-type", "application/x-amz-json-1.1");
+    let response = match reply {
+        Reply::Ok => builder.status(200).body(Full::from("{}")),
+        Reply::AwsError { status, code } => builder
+            .status(status)
+            // Real Cognito appends ':' to the type; the SDK must strip it.
+            .header("x-amzn-errortype", format!("{code}:"))
+            .header("x-amzn-errormessage", "fake error message")
+            .body(Full::from(format!(
+                r#"{{"__type":"{code}","message":"fake error message"}}"#
+            ))),
+        Reply::Raw {
+            status,
+            content_type,
+            body,
+        } => builder
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::from(body)),
+        Reply::Delayed(..) => unreachable!("unwrapped above"),
+    };
+    response.expect("valid response")
+}

@@ -1,0 +1,167 @@
+//! Starts the real server on port 0 and hands out a generated client.
+
+use std::{net::SocketAddr, sync::Once, time::Duration};
+
+use aws_config::SdkConfig;
+use aws_sdk_cognitoidentityprovider::config::{
+    BehaviorVersion, Credentials, Region, SharedCredentialsProvider,
+};
+use clap::Parser;
+use session_service::{
+    config::{Config, LogFormat},
+    proto::{GlobalSignOutRequest, session_service_client::SessionServiceClient},
+    startup::Application,
+    telemetry,
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+
+/// A username no error message may ever repeat.
+pub(crate) const SECRET_USERNAME: &str = "alice.secret@example.com";
+pub(crate) const POOL: &str = "us-east-1_TestPool1";
+
+/// Logs go to the test output only when TEST_LOG is set.
+fn init_test_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            telemetry::init(telemetry::subscriber(
+                LogFormat::Text,
+                "debug",
+                std::io::stdout,
+            ));
+        }
+    });
+}
+
+/// Flags for a test server talking to `endpoint`; tests adjust fields.
+pub(crate) fn test_config(endpoint: &str) -> Config {
+    Config::try_parse_from([
+        "session-service",
+        "--listen",
+        "127.0.0.1:0",
+        "--cognito-endpoint",
+        endpoint,
+        "--upstream-initial-backoff",
+        "1ms",
+        "--shutdown-grace",
+        "5s",
+    ])
+    .expect("test flags parse")
+}
+
+/// AWS settings with fixed test credentials: nothing is read from the machine.
+pub(crate) fn test_sdk_config() -> SdkConfig {
+    sdk_config_with(SharedCredentialsProvider::new(Credentials::new(
+        "AKIDTESTTESTTESTTEST",
+        "test-secret",
+        None,
+        None,
+        "session-service-tests",
+    )))
+}
+
+pub(crate) fn sdk_config_with(credentials: SharedCredentialsProvider) -> SdkConfig {
+    SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(credentials)
+        .build()
+}
+
+pub(crate) struct TestApp {
+    pub(crate) addr: SocketAddr,
+    pub(crate) client: SessionServiceClient<Channel>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub(crate) async fn spawn(config: Config) -> Self {
+        Self::spawn_with(config, test_sdk_config()).await
+    }
+
+    pub(crate) async fn spawn_with(config: Config, sdk_config: SdkConfig) -> Self {
+        init_test_logging();
+        let app = Application::build(&config, &sdk_config)
+            .await
+            .expect("application builds");
+        let addr = app.local_addr();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            app.run_until_stopped(async {
+                let _ = stop.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        let client = SessionServiceClient::new(channel(addr).await);
+        Self {
+            addr,
+            client,
+            shutdown: Some(shutdown),
+            server: Some(server),
+        }
+    }
+
+    /// Asks for a graceful shutdown; returns the server task to await.
+    pub(crate) fn shut_down(&mut self) -> JoinHandle<()> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        self.server.take().expect("server not shut down yet")
+    }
+
+    pub(crate) async fn sign_out(
+        &self,
+        user_pool_id: &str,
+        username: &str,
+    ) -> Result<tonic::Response<session_service::proto::GlobalSignOutResponse>, Status> {
+        self.client
+            .clone()
+            .global_sign_out(GlobalSignOutRequest {
+                user_pool_id: user_pool_id.into(),
+                username: username.into(),
+            })
+            .await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(server) = &self.server {
+            server.abort();
+        }
+    }
+}
+
+pub(crate) async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to test server")
+}
+
+/// Asserts code, ErrorInfo (domain and reason), RetryInfo presence, and that
+/// the message does not leak the username.
+pub(crate) fn assert_error(status: &Status, code: Code, reason: &str, retryable: bool) {
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "session-service");
+    assert_eq!(info.reason, reason);
+    assert_eq!(
+        status.get_details_retry_info().is_some(),
+        retryable,
+        "RetryInfo presence for {reason}"
+    );
+    assert!(!status.message().contains(SECRET_USERNAME));
+    assert!(
+        !status.message().contains("fake error message"),
+        "echoed upstream text"
+    );
+}

@@ -1,0 +1,7 @@
+//! Black-box tests: the real server on port 0, the generated client, and
+//! Cognito faked over HTTP or played by moto.
+
+mod fake_cognito;
+mod helpers;
+mod status_mapping;
+mod tools;
