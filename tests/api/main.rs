@@ -2,6 +2,10 @@
 //! Cognito faked over HTTP or played by moto.
 
 mod fake_cognito;
+mod grpcurl;
 mod helpers;
+mod lifecycle;
+mod moto;
 mod status_mapping;
 mod tools;
+mod validation;
