@@ -220,7 +220,7 @@ impl From<SignOutError> for Status {
                 row(
                     Code::InvalidArgument,
                     "INVALID_FIELD",
-                    "invalid request",
+                    "invalid request field",
                     false,
                 ),
                 ErrorDetails::with_bad_request_violation(invalid.field, invalid.description),
@@ -260,7 +260,13 @@ impl From<SignOutError> for Status {
         if row.retryable {
             details.set_retry_info(Some(RETRY_DELAY));
         }
-        Status::with_error_details(row.code, row.message, details)
+        // A field violation names the field and the rule, never the value,
+        // so it is safe (and most useful) as the message itself.
+        let message = match &error {
+            SignOutError::InvalidField(invalid) => invalid.to_string(),
+            _ => row.message.to_owned(),
+        };
+        Status::with_error_details(row.code, message, details)
     }
 }
 

@@ -1,0 +1,124 @@
+//! The real binary: exit codes and signals. Each child gets an explicit,
+//! minimal environment; the test process's own environment is never changed.
+
+use std::{
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_session-service");
+
+/// The binary with no inherited AWS or SESSION_ settings, and no way to
+/// reach instance metadata.
+fn service() -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    command
+}
+
+fn run(command: &mut Command) -> Output {
+    command.stdin(Stdio::null()).output().expect("binary runs")
+}
+
+#[test]
+fn a_bad_flag_is_a_one_line_error_and_exit_code_64() {
+    let output = run(service().args(["--upstream-timeout", "soon"]));
+
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--upstream-timeout"), "{stderr}");
+}
+
+#[test]
+fn a_bad_environment_variable_is_exit_code_64() {
+    let output = run(service().env("SESSION_ALLOWED_USER_POOL_IDS", "eu-west-1_A,not a pool"));
+
+    assert_eq!(output.status.code(), Some(64));
+}
+
+#[test]
+fn a_missing_region_is_exit_code_64() {
+    let output = run(service().args(["--listen", "127.0.0.1:0"]));
+
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("AWS_REGION"));
+}
+
+#[test]
+fn a_default_pool_outside_the_allow_list_is_exit_code_64() {
+    let output = run(service().env("AWS_REGION", "us-east-1").args([
+        "--listen",
+        "127.0.0.1:0",
+        "--default-user-pool-id",
+        "eu-west-1_B",
+        "--allowed-user-pool-ids",
+        "eu-west-1_A",
+    ]));
+
+    assert_eq!(output.status.code(), Some(64));
+}
+
+#[test]
+fn help_documents_an_environment_variable_for_every_flag() {
+    let output = run(service().arg("--help"));
+
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    let flags = help
+        .lines()
+        .filter(|l| l.trim_start().starts_with("--"))
+        .count();
+    let envs = help.matches("[env: SESSION_").count();
+    assert!(flags >= 10, "{help}");
+    // `-h, --help` and `-V, --version` are not counted: their lines start with `-h`/`-V`.
+    assert_eq!(envs, flags, "{help}");
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let mut child = service()
+        .env("AWS_REGION", "us-east-1")
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("binary starts");
+    // Wait for the "serving" log line rather than for time to pass.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    while !line.contains("serving session.v1.SessionService") {
+        line.clear();
+        let read = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read log");
+        assert!(read > 0, "exited before serving");
+    }
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let status = wait_with_limit(&mut child, Duration::from_secs(30));
+
+    assert_eq!(status.code(), Some(0));
+}
+
+fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("did not exit within {limit:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
