@@ -33,6 +33,32 @@ pub struct InvalidField {
     pub description: &'static str,
 }
 
+/// Cognito's documented constraints on one string field: a length in
+/// characters (not bytes) and a pattern.
+struct FieldRule {
+    field: &'static str,
+    max_chars: usize,
+    pattern: &'static Regex,
+    length_rule: &'static str,
+    pattern_rule: &'static str,
+}
+
+impl FieldRule {
+    fn check(&self, value: String) -> Result<String, InvalidField> {
+        let violation = |description| InvalidField {
+            field: self.field,
+            description,
+        };
+        if value.is_empty() || value.chars().count() > self.max_chars {
+            return Err(violation(self.length_rule));
+        }
+        if !self.pattern.is_match(&value) {
+            return Err(violation(self.pattern_rule));
+        }
+        Ok(value)
+    }
+}
+
 /// A Cognito user pool id such as `us-east-1_AbCdEf123`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UserPoolId(String);
@@ -40,20 +66,14 @@ pub struct UserPoolId(String);
 impl UserPoolId {
     /// Accepts 1 to 55 characters matching `[\w-]+_[0-9a-zA-Z]+`.
     pub fn parse(value: impl Into<String>) -> Result<Self, InvalidField> {
-        let value = value.into();
-        let violation = |description| InvalidField {
+        let rule = FieldRule {
             field: "user_pool_id",
-            description,
+            max_chars: USER_POOL_ID_MAX_CHARS,
+            pattern: &USER_POOL_ID,
+            length_rule: "must be 1 to 55 characters long",
+            pattern_rule: "must look like <region>_<id>: letters, digits, '-' and '_' only",
         };
-        if value.is_empty() || value.chars().count() > USER_POOL_ID_MAX_CHARS {
-            return Err(violation("must be 1 to 55 characters long"));
-        }
-        if !USER_POOL_ID.is_match(&value) {
-            return Err(violation(
-                "must look like <region>_<id>: letters, digits, '-' and '_' only",
-            ));
-        }
-        Ok(Self(value))
+        rule.check(value.into()).map(Self)
     }
 
     /// The id as Cognito expects it.
@@ -84,20 +104,14 @@ pub struct Username(String);
 impl Username {
     /// Accepts 1 to 128 characters matching `[\p{L}\p{M}\p{S}\p{N}\p{P}]+`.
     pub fn parse(value: impl Into<String>) -> Result<Self, InvalidField> {
-        let value = value.into();
-        let violation = |description| InvalidField {
+        let rule = FieldRule {
             field: "username",
-            description,
+            max_chars: USERNAME_MAX_CHARS,
+            pattern: &USERNAME,
+            length_rule: "must be 1 to 128 characters long",
+            pattern_rule: "must not contain whitespace, separators or control characters",
         };
-        if value.is_empty() || value.chars().count() > USERNAME_MAX_CHARS {
-            return Err(violation("must be 1 to 128 characters long"));
-        }
-        if !USERNAME.is_match(&value) {
-            return Err(violation(
-                "must not contain whitespace, separators or control characters",
-            ));
-        }
-        Ok(Self(value))
+        rule.check(value.into()).map(Self)
     }
 
     /// The raw value, for the Cognito request only.

@@ -20,36 +20,48 @@ async fn app_against(reply: Reply, attempts: u32) -> (TestApp, FakeCognito) {
     (TestApp::spawn(config).await, fake)
 }
 
-/// Runs one sign-out against a fake answering `code` and checks the status.
-async fn assert_cognito_error_maps_to(
-    http_status: u16,
-    cognito_code: &'static str,
+/// Runs one sign-out against a fake that always answers `cognito_code`
+/// and checks the status, its details, and how many attempts were made:
+/// all of them for retryable errors, one otherwise.
+async fn assert_cognito_error(
+    reply: (u16, &'static str),
+    attempts: u32,
     code: Code,
     reason: &str,
+    retryable: bool,
 ) {
-    let (app, fake) = app_against(
-        Reply::AwsError {
-            status: http_status,
-            code: cognito_code,
-        },
-        3,
-    )
-    .await;
+    let (http_status, cognito_code) = reply;
+    let reply = Reply::AwsError {
+        status: http_status,
+        code: cognito_code,
+    };
+    let (app, fake) = app_against(reply, attempts).await;
 
     let status = app
         .sign_out(POOL, SECRET_USERNAME)
         .await
         .expect_err("must fail");
 
-    assert_error(&status, code, reason, false);
+    assert_error(&status, code, reason, retryable);
     let info = status.get_details_error_info().expect("error info");
     assert_eq!(info.metadata["aws_request_id"], FAKE_REQUEST_ID);
     assert_eq!(info.metadata["cognito_error_code"], cognito_code);
+    let expected_attempts = if retryable { attempts } else { 1 };
     assert_eq!(
         fake.requests().len(),
-        1,
-        "non-retryable errors are not retried"
+        expected_attempts as usize,
+        "attempts made for {cognito_code}"
     );
+}
+
+/// A non-retryable Cognito error row.
+async fn assert_cognito_error_maps_to(
+    http_status: u16,
+    cognito_code: &'static str,
+    code: Code,
+    reason: &str,
+) {
+    assert_cognito_error((http_status, cognito_code), 3, code, reason, false).await;
 }
 
 #[tokio::test]
@@ -162,50 +174,14 @@ async fn an_unknown_cognito_error_is_internal_unexpected() {
 
 #[tokio::test]
 async fn throttling_after_the_sdk_retries_is_resource_exhausted_and_retryable() {
-    let (app, fake) = app_against(
-        Reply::AwsError {
-            status: 400,
-            code: "TooManyRequestsException",
-        },
-        2,
-    )
-    .await;
-
-    let status = app
-        .sign_out(POOL, SECRET_USERNAME)
-        .await
-        .expect_err("must fail");
-
-    assert_error(&status, Code::ResourceExhausted, "COGNITO_THROTTLED", true);
-    assert_eq!(
-        fake.requests().len(),
-        2,
-        "the SDK retried throttling up to 2 attempts"
-    );
+    let reply = (400, "TooManyRequestsException");
+    assert_cognito_error(reply, 2, Code::ResourceExhausted, "COGNITO_THROTTLED", true).await;
 }
 
 #[tokio::test]
 async fn internal_error_500_is_retried_then_unavailable() {
-    let (app, fake) = app_against(
-        Reply::AwsError {
-            status: 500,
-            code: "InternalErrorException",
-        },
-        3,
-    )
-    .await;
-
-    let status = app
-        .sign_out(POOL, SECRET_USERNAME)
-        .await
-        .expect_err("must fail");
-
-    assert_error(&status, Code::Unavailable, "COGNITO_INTERNAL_ERROR", true);
-    assert_eq!(
-        fake.requests().len(),
-        3,
-        "the SDK made all 3 configured attempts"
-    );
+    let reply = (500, "InternalErrorException");
+    assert_cognito_error(reply, 3, Code::Unavailable, "COGNITO_INTERNAL_ERROR", true).await;
 }
 
 #[tokio::test]
