@@ -10,6 +10,7 @@ pub mod config;
 pub mod deadline;
 pub mod domain;
 pub mod error;
+pub mod limiter;
 pub mod pools;
 pub mod service;
 pub mod startup;

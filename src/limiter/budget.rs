@@ -1,0 +1,480 @@
+//! The process-wide budget of calls to Cognito: a GCRA with a bounded FIFO
+//! queue in front of it. A request waits only if its permit will come before
+//! its deadline; otherwise it is refused at once, told when to come back.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio::{
+    sync::{Notify, oneshot},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use super::gcra::Gcra;
+
+/// How far one TooManyRequestsException slows the budget, and how it recovers.
+const THROTTLE_FACTOR: f64 = 0.5;
+/// The budget never drops below this share of the configured rate.
+const THROTTLE_FLOOR: f64 = 0.1;
+/// Throttles closer together than this count once (they are one episode).
+const THROTTLE_COOLDOWN: Duration = Duration::from_secs(1);
+/// Each second without throttling gives back this share of the configured rate.
+const RECOVERY_PER_SECOND: f64 = 0.1;
+
+/// Sizing of the budget.
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetSettings {
+    /// Permits per second to Cognito.
+    pub rate_per_sec: f64,
+    /// Permits that may be taken at once after a quiet period.
+    pub burst: u32,
+    /// Requests that may wait for a permit at once.
+    pub max_queue: usize,
+    /// Longest a request may wait, whatever its deadline.
+    pub max_wait: Duration,
+}
+
+/// Why no permit was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitCause {
+    /// The queue already holds `max_queue` requests.
+    QueueFull,
+    /// The permit would come after the request's deadline or `max_wait`.
+    WouldWaitTooLong,
+}
+
+/// No permit; come back after `retry_after` (the earliest a permit could be
+/// had, given the requests already queued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("upstream rate budget exhausted ({cause:?}); retry after {retry_after:?}")]
+pub struct RateLimited {
+    /// Earliest time from now a permit could be had.
+    pub retry_after: Duration,
+    /// Why the request was refused.
+    pub cause: RateLimitCause,
+}
+
+/// Cheap to clone; all clones share one budget.
+#[derive(Debug, Clone)]
+pub struct UpstreamBudget {
+    shared: Arc<Shared>,
+    _dispatcher: Arc<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Notify,
+    settings: BudgetSettings,
+}
+
+#[derive(Debug)]
+struct State {
+    gcra: Gcra,
+    /// Waiters in arrival order; a closed sender is a waiter that gave up.
+    queue: VecDeque<oneshot::Sender<()>>,
+    /// Waiters still waiting (the queue may hold some that gave up).
+    waiting: usize,
+    /// The last slow-down, if any: the rate is derived from it.
+    throttled: Option<Throttled>,
+}
+
+/// A slow-down: the rate it set and when.
+#[derive(Debug, Clone, Copy)]
+struct Throttled {
+    rate: f64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+// === impl UpstreamBudget ===
+
+impl UpstreamBudget {
+    /// Starts the budget and its dispatcher task; needs a tokio runtime.
+    pub fn start(settings: BudgetSettings) -> Self {
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                gcra: Gcra::new(settings.rate_per_sec, settings.burst, now),
+                queue: VecDeque::new(),
+                waiting: 0,
+                throttled: None,
+            }),
+            wake: Notify::new(),
+            settings,
+        });
+        let dispatcher = tokio::spawn(dispatch(shared.clone()));
+        Self {
+            shared,
+            _dispatcher: Arc::new(AbortOnDrop(dispatcher)),
+        }
+    }
+
+    /// Waits, in arrival order, for a permit that comes before `deadline`
+    /// (and within `max_wait`); refuses at once when it would not.
+    /// Dropping the future gives up the place in the queue.
+    pub async fn acquire(&self, deadline: Option<Instant>) -> Result<(), RateLimited> {
+        let now = Instant::now();
+        let max_wait_end = now + self.shared.settings.max_wait;
+        let latest = deadline.map_or(max_wait_end, |d| d.min(max_wait_end));
+        let granted = {
+            let mut state = self.shared.lock();
+            state.apply_rate(now, self.shared.settings.rate_per_sec);
+            if state.waiting == 0 && state.gcra.next_free(now) <= now {
+                state.gcra.take(now);
+                return Ok(());
+            }
+            let eta = state.gcra.free_after(now, queue_position(state.waiting));
+            let refuse = |cause| RateLimited {
+                retry_after: eta - now,
+                cause,
+            };
+            if state.waiting >= self.shared.settings.max_queue {
+                return Err(refuse(RateLimitCause::QueueFull));
+            }
+            if eta > latest {
+                return Err(refuse(RateLimitCause::WouldWaitTooLong));
+            }
+            let (grant, granted) = oneshot::channel();
+            state.queue.push_back(grant);
+            state.waiting += 1;
+            granted
+        };
+        let _leave_queue = LeaveQueue(&self.shared);
+        self.shared.wake.notify_one();
+        match tokio::time::timeout_at(latest, granted).await {
+            Ok(Ok(())) => Ok(()),
+            // Only when the rate dropped (throttling) after the estimate.
+            _ => Err(RateLimited {
+                retry_after: self.shared.settings.max_wait,
+                cause: RateLimitCause::WouldWaitTooLong,
+            }),
+        }
+    }
+
+    /// Cognito said TooManyRequests: someone else is using the account's
+    /// quota, so slow down for a while.
+    pub fn on_throttled(&self) {
+        let now = Instant::now();
+        let configured = self.shared.settings.rate_per_sec;
+        let mut state = self.shared.lock();
+        if state
+            .throttled
+            .is_some_and(|last| now.duration_since(last.at) < THROTTLE_COOLDOWN)
+        {
+            return;
+        }
+        let current = state.rate(now, configured);
+        let slower = (current * THROTTLE_FACTOR).max(configured * THROTTLE_FLOOR);
+        state.throttled = Some(Throttled {
+            rate: slower,
+            at: now,
+        });
+        state.apply_rate(now, configured);
+        tracing::warn!(
+            rate_per_sec = slower,
+            "Cognito is throttling: upstream budget lowered"
+        );
+    }
+
+    /// Permits per second right now (lower than configured after throttling).
+    pub fn current_rate(&self) -> f64 {
+        self.shared
+            .lock()
+            .rate(Instant::now(), self.shared.settings.rate_per_sec)
+    }
+
+    /// Requests waiting for a permit.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.lock().waiting
+    }
+}
+
+fn queue_position(waiting: usize) -> u32 {
+    u32::try_from(waiting).unwrap_or(u32::MAX)
+}
+
+/// Takes a waiter out of the count however its wait ends.
+struct LeaveQueue<'a>(&'a Shared);
+
+impl Drop for LeaveQueue<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
+    }
+}
+
+// === impl Shared / State ===
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; recover the data if it did.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    /// The configured rate, or after a slow-down, its rate plus what each
+    /// quiet second since has given back, capped at the configured rate.
+    fn rate(&self, now: Instant, configured: f64) -> f64 {
+        match self.throttled {
+            None => configured,
+            Some(Throttled { rate, at }) => {
+                let quiet_secs = now.duration_since(at).as_secs_f64().floor();
+                (rate + configured * RECOVERY_PER_SECOND * quiet_secs).min(configured)
+            }
+        }
+    }
+
+    fn apply_rate(&mut self, now: Instant, configured: f64) {
+        let rate = self.rate(now, configured);
+        self.gcra.set_rate(rate);
+    }
+}
+
+/// Hands out permits to the queue, in order, as the GCRA allows.
+async fn dispatch(shared: Arc<Shared>) {
+    loop {
+        let woken = shared.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let next_permit = {
+            let mut state = shared.lock();
+            while state.queue.front().is_some_and(oneshot::Sender::is_closed) {
+                state.queue.pop_front();
+            }
+            let now = Instant::now();
+            state.apply_rate(now, shared.settings.rate_per_sec);
+            (!state.queue.is_empty()).then(|| state.gcra.next_free(now))
+        };
+        let Some(at) = next_permit else {
+            woken.await;
+            continue;
+        };
+        tokio::time::sleep_until(at).await;
+        let mut state = shared.lock();
+        let now = Instant::now();
+        // The rate may have dropped while we slept: look again.
+        if state.gcra.next_free(now) > now {
+            continue;
+        }
+        while let Some(waiter) = state.queue.pop_front() {
+            // A waiter that gave up gets nothing and costs nothing.
+            if waiter.send(()).is_ok() {
+                state.gcra.take(now);
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Paused tokio time: sleeps complete instantly, in order, and
+    //! `Instant::now()` tells exactly how much virtual time passed.
+
+    use super::*;
+
+    fn budget(rate: f64, burst: u32, max_queue: usize) -> UpstreamBudget {
+        UpstreamBudget::start(BudgetSettings {
+            rate_per_sec: rate,
+            burst,
+            max_queue,
+            max_wait: Duration::from_secs(2),
+        })
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_the_next_permit_within_its_deadline() {
+        let budget = budget(10.0, 1, 10);
+        let start = Instant::now();
+        budget.acquire(None).await.expect("burst");
+
+        budget
+            .acquire(Some(start + 500 * MS))
+            .await
+            .expect("queued");
+
+        assert_eq!(start.elapsed(), 100 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_before_the_next_permit_is_refused_at_once_with_the_wait() {
+        let budget = budget(10.0, 1, 10);
+        let start = Instant::now();
+        budget.acquire(None).await.expect("burst");
+
+        let refused = budget
+            .acquire(Some(start + 50 * MS))
+            .await
+            .expect_err("too late");
+
+        assert_eq!(refused.retry_after, 100 * MS);
+        assert_eq!(refused.cause, RateLimitCause::WouldWaitTooLong);
+        assert_eq!(start.elapsed(), Duration::ZERO, "refused without waiting");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_delay_counts_the_requests_already_queued() {
+        let budget = budget(10.0, 1, 10);
+        budget.acquire(None).await.expect("burst");
+        let queued: Vec<_> = (0..3)
+            .map(|_| {
+                let budget = budget.clone();
+                tokio::spawn(async move { budget.acquire(None).await })
+            })
+            .collect();
+        while budget.queue_depth() < 3 {
+            tokio::task::yield_now().await;
+        }
+        let start = Instant::now();
+
+        let refused = budget
+            .acquire(Some(start + MS))
+            .await
+            .expect_err("too late");
+
+        assert_eq!(
+            refused.retry_after,
+            400 * MS,
+            "three queued ahead, then ours"
+        );
+        for waiter in queued {
+            waiter.await.expect("task").expect("permit");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_get_permits_in_arrival_order_one_interval_apart() {
+        let budget = budget(10.0, 1, 10);
+        let start = Instant::now();
+        budget.acquire(None).await.expect("burst");
+        let (done, mut order) = tokio::sync::mpsc::unbounded_channel();
+        for id in 0..5 {
+            let (waiter, done) = (budget.clone(), done.clone());
+            tokio::spawn(async move {
+                waiter.acquire(None).await.expect("permit");
+                done.send((id, start.elapsed())).expect("send");
+            });
+            while budget.queue_depth() <= id {
+                tokio::task::yield_now().await;
+            }
+        }
+
+        for expected in 0..5u32 {
+            let (id, at) = order.recv().await.expect("permit");
+            assert_eq!(id, expected as usize);
+            assert_eq!(at, 100 * MS * (expected + 1));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_at_once() {
+        let budget = budget(1.0, 1, 2);
+        budget.acquire(None).await.expect("burst");
+        let _waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let budget = budget.clone();
+                tokio::spawn(async move { budget.acquire(None).await })
+            })
+            .collect();
+        while budget.queue_depth() < 2 {
+            tokio::task::yield_now().await;
+        }
+
+        let refused = budget.acquire(None).await.expect_err("full");
+
+        assert_eq!(refused.cause, RateLimitCause::QueueFull);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_waiter_frees_its_place_and_takes_no_permit() {
+        let budget = budget(10.0, 1, 10);
+        let start = Instant::now();
+        budget.acquire(None).await.expect("burst");
+        let cancelled = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.acquire(None).await })
+        };
+        while budget.queue_depth() < 1 {
+            tokio::task::yield_now().await;
+        }
+
+        cancelled.abort();
+        let _ = cancelled.await;
+
+        assert_eq!(budget.queue_depth(), 0);
+        // Its slot at 100 ms is ours: with it taken we would wait until 200 ms
+        // and a 150 ms deadline would be refused.
+        budget
+            .acquire(Some(start + 150 * MS))
+            .await
+            .expect("the freed slot");
+        assert_eq!(start.elapsed(), 100 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_halves_the_rate_and_quiet_seconds_restore_it() {
+        let budget = budget(20.0, 1, 10);
+
+        budget.on_throttled();
+        budget.on_throttled(); // the same episode: counted once
+        assert_eq!(budget.current_rate(), 10.0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            budget.current_rate(),
+            12.0,
+            "a quiet second gives back 10 %"
+        );
+        budget.on_throttled();
+        assert_eq!(budget.current_rate(), 6.0);
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(budget.current_rate(), 16.0);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            budget.current_rate(),
+            20.0,
+            "never above the configured rate"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_never_goes_below_a_tenth_of_the_configured_rate() {
+        let budget = budget(20.0, 1, 10);
+        for _ in 0..10 {
+            budget.on_throttled();
+            tokio::time::advance(THROTTLE_COOLDOWN).await;
+        }
+        assert!(budget.current_rate() >= 2.0, "{}", budget.current_rate());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_throttling_permits_are_spaced_by_the_lower_rate() {
+        let budget = budget(10.0, 1, 10);
+        budget.acquire(None).await.expect("burst");
+        budget.on_throttled();
+        let start = Instant::now();
+
+        budget.acquire(None).await.expect("permit");
+        budget.acquire(None).await.expect("permit");
+
+        // The first was already due at 100 ms; the next comes 200 ms later.
+        assert_eq!(start.elapsed(), 300 * MS);
+    }
+}

@@ -1,0 +1,269 @@
+//! Per-caller limits, checked before the shared budget so that one noisy
+//! caller cannot spend everybody's share. A bounded table of GCRA cells (see
+//! `gcra.rs` for why not governor's keyed limiter).
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::gcra::Gcra;
+use crate::domain::InvalidField;
+
+/// Longest caller id accepted; a SPIFFE id fits comfortably.
+const CALLER_ID_MAX_CHARS: usize = 128;
+
+/// Who is calling, from a trusted identity or the caller-id header.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CallerId(String);
+
+impl CallerId {
+    /// The id of callers that send none.
+    pub fn anonymous() -> Self {
+        Self("anonymous".into())
+    }
+
+    /// 1 to 128 characters of `A-Z a-z 0-9 . _ - : / @`: service names,
+    /// SPIFFE ids, emails of service accounts.
+    pub fn parse(value: &str) -> Result<Self, InvalidField> {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "._-:/@".contains(c);
+        if value.is_empty() || value.len() > CALLER_ID_MAX_CHARS || !value.chars().all(allowed) {
+            return Err(InvalidField {
+                field: "caller id header",
+                description: "must be 1 to 128 characters of A-Z a-z 0-9 . _ - : / @",
+            });
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The id, for logs and metric labels.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CallerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// This caller is over its own rate; come back after `retry_after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("caller rate limit exceeded; retry after {retry_after:?}")]
+pub struct CallerRateLimited {
+    /// When the caller's next request would conform.
+    pub retry_after: Duration,
+}
+
+/// Sizing of the per-caller limits.
+#[derive(Debug, Clone, Default)]
+pub struct CallerSettings {
+    /// Requests per second per caller; `None` is unlimited.
+    pub rate_per_sec: Option<f64>,
+    /// Requests a caller may send at once after a quiet period (default:
+    /// one second's worth).
+    pub burst: Option<u32>,
+    /// Rates for named callers, replacing `rate_per_sec` for them.
+    pub overrides: Vec<(CallerId, f64)>,
+    /// Callers remembered at most; new ones beyond it share one cell.
+    pub max_tracked: usize,
+}
+
+/// Per-caller GCRA cells, at most `max_tracked` of them.
+#[derive(Debug)]
+pub struct CallerLimits {
+    settings: CallerSettings,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    cells: HashMap<CallerId, Gcra>,
+    /// Shared by new callers while the table is full of active ones, so
+    /// random ids cannot grow memory (and gain nothing: they share a rate).
+    overflow: Option<Gcra>,
+}
+
+impl CallerLimits {
+    /// An empty table.
+    pub fn new(settings: CallerSettings) -> Self {
+        Self {
+            settings,
+            table: Mutex::default(),
+        }
+    }
+
+    /// Takes one request from `caller`'s allowance.
+    pub fn check(&self, caller: &CallerId, now: Instant) -> Result<(), CallerRateLimited> {
+        let Some(rate) = self.rate_for(caller) else {
+            return Ok(());
+        };
+        let new_cell = || Gcra::new(rate, self.burst_for(rate), now);
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let table = &mut *table;
+        if !table.cells.contains_key(caller) && table.cells.len() >= self.settings.max_tracked {
+            table.cells.retain(|_, cell| !cell.is_idle(now));
+        }
+        let cell =
+            if table.cells.contains_key(caller) || table.cells.len() < self.settings.max_tracked {
+                table.cells.entry(caller.clone()).or_insert_with(new_cell)
+            } else {
+                table.overflow.get_or_insert_with(new_cell)
+            };
+        cell.try_take(now)
+            .map_err(|retry_after| CallerRateLimited { retry_after })
+    }
+
+    /// Callers currently tracked (for tests and metrics).
+    pub fn tracked(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cells
+            .len()
+    }
+
+    fn rate_for(&self, caller: &CallerId) -> Option<f64> {
+        self.settings
+            .overrides
+            .iter()
+            .find(|(id, _)| id == caller)
+            .map(|(_, rate)| *rate)
+            .or(self.settings.rate_per_sec)
+    }
+
+    fn burst_for(&self, rate: f64) -> u32 {
+        // One second's worth by default, and at least one request.
+        self.settings.burst.unwrap_or(rate.ceil() as u32).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Time is passed in explicitly: a fake clock, nothing sleeps.
+
+    use super::*;
+
+    fn caller(id: &str) -> CallerId {
+        CallerId::parse(id).expect("valid caller id")
+    }
+
+    fn limited(rate: f64, burst: u32, max_tracked: usize) -> CallerLimits {
+        CallerLimits::new(CallerSettings {
+            rate_per_sec: Some(rate),
+            burst: Some(burst),
+            overrides: vec![],
+            max_tracked,
+        })
+    }
+
+    #[test]
+    fn spiffe_ids_and_service_names_are_valid_caller_ids() {
+        for id in [
+            "billing",
+            "spiffe://prod.example/ns/pay/sa/api",
+            "svc@corp.example",
+            "a-b_c.d",
+        ] {
+            assert!(CallerId::parse(id).is_ok(), "{id}");
+        }
+        for id in ["", "has space", "ünï", "new\nline", &"x".repeat(129)] {
+            assert!(CallerId::parse(id).is_err(), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_per_caller_rate_everyone_is_admitted() {
+        let limits = CallerLimits::new(CallerSettings::default());
+        let now = Instant::now();
+        for _ in 0..1000 {
+            limits.check(&caller("noisy"), now).expect("unlimited");
+        }
+        assert_eq!(limits.tracked(), 0, "nothing tracked when unlimited");
+    }
+
+    #[test]
+    fn a_caller_over_its_rate_is_refused_with_the_wait_and_others_are_not() {
+        let limits = limited(2.0, 1, 100);
+        let now = Instant::now();
+
+        limits.check(&caller("noisy"), now).expect("first");
+        let refused = limits
+            .check(&caller("noisy"), now)
+            .expect_err("second at once");
+        limits
+            .check(&caller("quiet"), now)
+            .expect("quiet caller unaffected");
+
+        assert_eq!(refused.retry_after, Duration::from_millis(500));
+        limits
+            .check(&caller("noisy"), now + Duration::from_millis(500))
+            .expect("after the wait");
+    }
+
+    #[test]
+    fn an_override_replaces_the_default_rate_for_that_caller() {
+        let limits = CallerLimits::new(CallerSettings {
+            rate_per_sec: Some(1.0),
+            burst: None,
+            overrides: vec![(caller("batch"), 5.0)],
+            max_tracked: 100,
+        });
+        let now = Instant::now();
+
+        for _ in 0..5 {
+            limits
+                .check(&caller("batch"), now)
+                .expect("override allows a burst of 5");
+        }
+        assert!(limits.check(&caller("batch"), now).is_err());
+        limits
+            .check(&caller("other"), now)
+            .expect("default allows 1");
+        assert!(limits.check(&caller("other"), now).is_err());
+    }
+
+    #[test]
+    fn random_caller_ids_beyond_the_bound_share_one_cell_and_known_ones_keep_theirs() {
+        let limits = limited(1.0, 1, 10);
+        let now = Instant::now();
+        for i in 0..10 {
+            limits
+                .check(&caller(&format!("known-{i}")), now)
+                .expect("tracked");
+        }
+
+        let refused = (0..100)
+            .filter(|i| limits.check(&caller(&format!("random-{i}")), now).is_err())
+            .count();
+
+        assert_eq!(limits.tracked(), 10);
+        assert_eq!(refused, 99, "all random ids share one cell of burst 1");
+        let later = now + Duration::from_secs(1);
+        limits
+            .check(&caller("known-3"), later)
+            .expect("a known caller keeps its own cell");
+    }
+
+    #[test]
+    fn idle_callers_are_forgotten_when_room_is_needed() {
+        let limits = limited(1.0, 1, 2);
+        let now = Instant::now();
+        limits.check(&caller("a"), now).expect("a");
+        limits.check(&caller("b"), now).expect("b");
+
+        let later = now + Duration::from_secs(5);
+        limits
+            .check(&caller("c"), later)
+            .expect("c gets its own cell");
+
+        assert_eq!(limits.tracked(), 1, "a and b were idle and dropped");
+        limits.check(&caller("d"), later).expect("room for d");
+        assert_eq!(limits.tracked(), 2);
+    }
+}

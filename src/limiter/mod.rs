@@ -1,0 +1,9 @@
+//! Keeping inside Cognito's quota: per-caller limits, then one shared
+//! budget with a bounded queue. See the README's "Rate limiting" section.
+
+mod budget;
+mod callers;
+mod gcra;
+
+pub use budget::{BudgetSettings, RateLimitCause, RateLimited, UpstreamBudget};
+pub use callers::{CallerId, CallerLimits, CallerRateLimited, CallerSettings};
