@@ -7,11 +7,7 @@ use aws_config::SdkConfig;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_cognitoidentityprovider::{
     Client,
-    config::{
-        Builder as CognitoConfigBuilder,
-        retry::{RetryConfig, RetryPartition},
-        timeout::TimeoutConfig,
-    },
+    config::{Builder as CognitoConfigBuilder, retry::RetryConfig, timeout::TimeoutConfig},
     error::{ProvideErrorMetadata, SdkError},
     operation::{RequestId, admin_user_global_sign_out::AdminUserGlobalSignOutError},
 };
@@ -36,7 +32,8 @@ const AWS_AUTH_ERROR_CODES: &[&str] = &[
     "MissingAuthenticationToken",
 ];
 
-/// How the service talks to Cognito: endpoint, timeouts and retries.
+/// How the service talks to Cognito: endpoint and timeouts. Retries are the
+/// service's own (see `signout.rs`), so that each attempt takes a permit.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     /// Endpoint override (moto, a VPC endpoint); `None` is the regional default.
@@ -45,12 +42,6 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// Time allowed for one attempt, connect included.
     pub attempt_timeout: Duration,
-    /// Time allowed for the whole call, retries and backoff included.
-    pub operation_timeout: Duration,
-    /// Attempts per call, the first one included (1 disables retries).
-    pub max_attempts: u32,
-    /// Backoff before the first retry; later ones grow exponentially.
-    pub initial_backoff: Duration,
 }
 
 /// What Cognito confirmed.
@@ -70,26 +61,15 @@ pub struct Cognito {
 
 impl Cognito {
     /// Builds the client from the AWS shared config (region, credentials)
-    /// with our endpoint, timeouts and retry policy on top.
+    /// with our endpoint and timeouts on top, and the SDK's retries off.
     pub fn new(sdk_config: &SdkConfig, settings: &UpstreamSettings) -> Self {
-        let retry = RetryConfig::standard()
-            .with_max_attempts(settings.max_attempts)
-            .with_initial_backoff(settings.initial_backoff);
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(settings.connect_timeout)
             .operation_attempt_timeout(settings.attempt_timeout)
-            .operation_timeout(settings.operation_timeout)
             .build();
         let mut config = CognitoConfigBuilder::from(sdk_config)
-            .retry_config(retry)
-            .timeout_config(timeouts)
-            // The SDK shares its retry token bucket between all clients of a
-            // partition in the process; a partition per endpoint keeps a test
-            // fake's failures from draining the budget of the real endpoint.
-            .retry_partition(RetryPartition::new(format!(
-                "session-service-{}",
-                settings.endpoint.as_deref().unwrap_or("default")
-            )));
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts);
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);
         }
@@ -98,8 +78,8 @@ impl Cognito {
         }
     }
 
-    /// Calls AdminUserGlobalSignOut once (the SDK retries inside), giving up
-    /// after `budget` however far the SDK got.
+    /// Makes one AdminUserGlobalSignOut attempt, giving up after `budget`
+    /// (the caller's remaining deadline) however far it got.
     pub async fn global_sign_out(
         &self,
         pool: &UserPoolId,

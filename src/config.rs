@@ -8,7 +8,9 @@ use clap::{Parser, ValueEnum};
 use crate::{
     cognito::UpstreamSettings,
     domain::UserPoolId,
+    limiter::{BudgetSettings, CallerId, CallerSettings},
     pools::{DefaultPoolNotAllowed, PoolPolicy},
+    signout::RetrySettings,
 };
 
 /// Signs users out of every device through Amazon Cognito
@@ -52,20 +54,73 @@ pub struct Config {
     #[arg(long, env = "SESSION_UPSTREAM_ATTEMPT_TIMEOUT", default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
     pub upstream_attempt_timeout: Duration,
 
-    /// Timeout of the whole Cognito call, retries included. A caller's
-    /// shorter grpc-timeout wins.
+    /// Time a sign-out may take in all: queueing, attempts and pauses. A
+    /// caller's shorter grpc-timeout wins.
     #[arg(long, env = "SESSION_UPSTREAM_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
 
-    /// Attempts per Cognito call, the first included (1 = no retries).
-    /// Throttling, HTTP 5xx, timeouts and I/O errors are retried.
+    /// Attempts per sign-out, the first included (1 = no retries). Throttling,
+    /// HTTP 5xx, timeouts and I/O errors are retried; every attempt takes a
+    /// rate-limit permit and all must fit the deadline.
     #[arg(long, env = "SESSION_UPSTREAM_MAX_ATTEMPTS", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=10))]
     pub upstream_max_attempts: u32,
 
-    /// Backoff before the first retry; it grows exponentially with jitter.
+    /// Pause before the first retry; it doubles each time, with jitter.
     #[arg(long, env = "SESSION_UPSTREAM_INITIAL_BACKOFF", default_value = "200ms", value_name = "DURATION", value_parser = parse_duration)]
     pub upstream_initial_backoff: Duration,
+
+    /// Calls per second this process sends to Cognito. AdminUserGlobalSignOut
+    /// shares 25/s per AWS account and Region with other user-update calls:
+    /// with several replicas, set it to (account budget ÷ replicas).
+    #[arg(long, env = "SESSION_RATE_LIMIT_RPS", default_value_t = 20.0, value_parser = parse_rate)]
+    pub rate_limit_rps: f64,
+
+    /// Calls that may go to Cognito at once after a quiet period.
+    #[arg(long, env = "SESSION_RATE_LIMIT_BURST", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: u32,
+
+    /// Requests that may wait for a rate-limit permit at once; more are
+    /// refused at once with RESOURCE_EXHAUSTED / RATE_LIMITED.
+    #[arg(long, env = "SESSION_MAX_QUEUE", default_value_t = 1000)]
+    pub max_queue: usize,
+
+    /// Longest a request waits for a permit (a shorter grpc-timeout wins). A
+    /// request whose permit would come later is refused at once.
+    #[arg(long, env = "SESSION_MAX_QUEUE_WAIT", default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
+    pub max_queue_wait: Duration,
+
+    /// Cognito calls under way at once; beyond it requests are refused with
+    /// RESOURCE_EXHAUSTED / OVERLOADED.
+    #[arg(long, env = "SESSION_MAX_IN_FLIGHT", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_in_flight: u64,
+
+    /// Request metadata key that names the calling service, for per-caller
+    /// limits and logs. Callers that send none are "anonymous".
+    #[arg(long, env = "SESSION_CALLER_ID_HEADER", default_value = "x-caller-id", value_name = "KEY", value_parser = parse_metadata_key)]
+    pub caller_id_header: String,
+
+    /// Requests per second each caller may make; unlimited when unset. Checked
+    /// before the shared budget, refused with CALLER_RATE_LIMITED.
+    #[arg(long, env = "SESSION_PER_CALLER_RPS", value_name = "RPS", value_parser = parse_rate)]
+    pub per_caller_rps: Option<f64>,
+
+    /// Requests a caller may send at once (default: one second's worth).
+    #[arg(long, env = "SESSION_PER_CALLER_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_caller_burst: Option<u32>,
+
+    /// Comma-separated CALLER=RPS pairs replacing --per-caller-rps for those
+    /// callers (works without it too).
+    #[arg(long, env = "SESSION_PER_CALLER_RPS_OVERRIDES", value_name = "CALLER=RPS,...",
+          value_delimiter = ',', value_parser = parse_caller_override)]
+    pub per_caller_rps_overrides: Vec<(CallerId, f64)>,
+
+    /// Callers whose rate is tracked at once; new callers beyond it share one
+    /// allowance, so random caller ids cannot grow memory.
+    #[arg(long, env = "SESSION_MAX_TRACKED_CALLERS", default_value_t = 10_000)]
+    pub max_tracked_callers: usize,
 
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before
     /// the server exits anyway.
@@ -102,9 +157,34 @@ impl Config {
             endpoint: self.cognito_endpoint.clone(),
             connect_timeout: self.upstream_connect_timeout,
             attempt_timeout: self.upstream_attempt_timeout,
-            operation_timeout: self.upstream_timeout,
+        }
+    }
+
+    /// The retry policy these flags describe.
+    pub fn retry(&self) -> RetrySettings {
+        RetrySettings {
             max_attempts: self.upstream_max_attempts,
             initial_backoff: self.upstream_initial_backoff,
+        }
+    }
+
+    /// The shared upstream budget these flags describe.
+    pub fn budget(&self) -> BudgetSettings {
+        BudgetSettings {
+            rate_per_sec: self.rate_limit_rps,
+            burst: self.rate_limit_burst,
+            max_queue: self.max_queue,
+            max_wait: self.max_queue_wait,
+        }
+    }
+
+    /// The per-caller limits these flags describe.
+    pub fn callers(&self) -> CallerSettings {
+        CallerSettings {
+            rate_per_sec: self.per_caller_rps,
+            burst: self.per_caller_burst,
+            overrides: self.per_caller_rps_overrides.clone(),
+            max_tracked: self.max_tracked_callers,
         }
     }
 }
@@ -116,6 +196,30 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Ok(duration)
+}
+
+fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err("must be a number of requests per second above 0".into()),
+    }
+}
+
+fn parse_caller_override(value: &str) -> Result<(CallerId, f64), String> {
+    let (caller, rate) = value
+        .split_once('=')
+        .ok_or("must be CALLER=RPS, e.g. billing=5")?;
+    let caller = CallerId::parse(caller).map_err(|e| e.to_string())?;
+    Ok((caller, parse_rate(rate)?))
+}
+
+fn parse_metadata_key(value: &str) -> Result<String, String> {
+    let key = tonic::metadata::AsciiMetadataKey::from_bytes(value.as_bytes())
+        .map_err(|_| "must be a lowercase gRPC metadata key such as x-caller-id")?;
+    if key.as_str() != value || value.ends_with("-bin") || value.starts_with("grpc-") {
+        return Err("must be a lowercase ASCII metadata key, not -bin or grpc-".into());
+    }
+    Ok(value.to_owned())
 }
 
 fn parse_endpoint(value: &str) -> Result<String, String> {
@@ -166,9 +270,24 @@ mod tests {
             &["--upstream-timeout", "0s"],
             &["--upstream-timeout", "soon"],
             &["--upstream-max-attempts", "0"],
+            &["--rate-limit-rps", "0"],
+            &["--rate-limit-rps", "NaN"],
+            &["--rate-limit-burst", "0"],
+            &["--caller-id-header", "X-Caller-Id"],
+            &["--caller-id-header", "grpc-timeout"],
+            &["--per-caller-rps-overrides", "billing"],
+            &["--per-caller-rps-overrides", "bad caller=5"],
+            &["--max-in-flight", "0"],
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }
+    }
+
+    #[test]
+    fn per_caller_overrides_are_caller_equals_rate_pairs() {
+        let config = parse(&["--per-caller-rps-overrides", "billing=5,batch=0.5"]).expect("parses");
+        assert_eq!(config.per_caller_rps_overrides.len(), 2);
+        assert_eq!(config.per_caller_rps_overrides[1].1, 0.5);
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! gRPC status. Callers get a short, safe message plus machine-readable
 //! details; the full cause chain stays in the logs.
 
-use std::{collections::HashMap, error::Error as StdError, fmt, time::Duration};
+use std::{collections::HashMap, error::Error as StdError, fmt, sync::Arc, time::Duration};
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::domain::InvalidField;
+use crate::{
+    domain::InvalidField,
+    limiter::{CallerRateLimited, RateLimitCause, RateLimited},
+};
 
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "session-service";
@@ -16,10 +19,11 @@ pub const ERROR_DOMAIN: &str = "session-service";
 /// publishes no better hint; one second is the SDK's own initial backoff.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
-type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+/// Shared so that one failed call can be reported to every coalesced caller.
+type SharedError = Arc<dyn StdError + Send + Sync + 'static>;
 
 /// Why a sign-out did not happen.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SignOutError {
     /// A request field is malformed; nothing was sent upstream.
     #[error(transparent)]
@@ -30,13 +34,22 @@ pub enum SignOutError {
     /// The pool is outside the configured allow list.
     #[error("user pool is not in the allowed list")]
     UserPoolNotAllowed,
+    /// This caller is over its own rate.
+    #[error(transparent)]
+    CallerRateLimited(#[from] CallerRateLimited),
+    /// No upstream permit before the deadline, or the queue is full.
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
+    /// `--max-in-flight` calls to Cognito are already under way.
+    #[error("too many Cognito calls in flight")]
+    Overloaded,
     /// Cognito was called and the call failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
 
-/// A failed AdminUserGlobalSignOut call, after the SDK's own retries.
-#[derive(Debug, thiserror::Error)]
+/// A failed AdminUserGlobalSignOut call, after the service's retries.
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("Cognito AdminUserGlobalSignOut failed ({kind:?})")]
 pub struct UpstreamError {
     /// What kind of failure it was: decides the gRPC status.
@@ -46,17 +59,17 @@ pub struct UpstreamError {
     /// The Cognito error code, such as `UserNotFoundException`.
     pub cognito_code: Option<String>,
     #[source]
-    source: BoxError,
+    source: SharedError,
 }
 
 impl UpstreamError {
     /// Wraps the SDK's error with what we learned from it.
-    pub fn new(kind: UpstreamErrorKind, source: impl Into<BoxError>) -> Self {
+    pub fn new(kind: UpstreamErrorKind, source: impl StdError + Send + Sync + 'static) -> Self {
         Self {
             kind,
             aws_request_id: None,
             cognito_code: None,
-            source: source.into(),
+            source: Arc::new(source),
         }
     }
 }
@@ -74,7 +87,7 @@ pub enum UpstreamErrorKind {
     NotAuthorized,
     /// OperationNotEnabledException.
     OperationNotEnabled,
-    /// TooManyRequestsException, still there after the SDK's retries.
+    /// TooManyRequestsException, still there after the retries.
     Throttled,
     /// InternalErrorException (HTTP 500).
     InternalError,
@@ -113,6 +126,18 @@ const fn row(
 }
 
 impl UpstreamErrorKind {
+    /// Worth another upstream attempt: the same call may succeed a moment
+    /// later (the SDK's standard classifier retries the same set). Not the
+    /// same as RetryInfo for callers: a timed-out attempt is retried here,
+    /// but a caller whose deadline ran out is not told to retry.
+    pub fn is_transient(self) -> bool {
+        use UpstreamErrorKind as K;
+        matches!(
+            self,
+            K::Throttled | K::InternalError | K::Timeout | K::Unreachable | K::BadResponse
+        )
+    }
+
     fn status_row(self) -> StatusRow {
         use UpstreamErrorKind as K;
         match self {
@@ -198,6 +223,9 @@ impl SignOutError {
         match self {
             Self::InvalidField(_) | Self::UserPoolRequired => Code::InvalidArgument,
             Self::UserPoolNotAllowed => Code::PermissionDenied,
+            Self::CallerRateLimited(_) | Self::RateLimited(_) | Self::Overloaded => {
+                Code::ResourceExhausted
+            }
             Self::Upstream(upstream) => upstream.kind.status_row().code,
         }
     }
@@ -246,6 +274,40 @@ impl From<SignOutError> for Status {
                 ),
                 ErrorDetails::new(),
             ),
+            SignOutError::CallerRateLimited(limited) => (
+                row(
+                    Code::ResourceExhausted,
+                    "CALLER_RATE_LIMITED",
+                    "this caller is over its sign-out rate",
+                    true,
+                ),
+                ErrorDetails::with_retry_info(Some(limited.retry_after)),
+            ),
+            SignOutError::RateLimited(limited) => {
+                let cause = match limited.cause {
+                    RateLimitCause::QueueFull => "queue_full",
+                    RateLimitCause::WouldWaitTooLong => "wait_exceeds_deadline",
+                };
+                metadata.insert("cause".to_owned(), cause.to_owned());
+                (
+                    row(
+                        Code::ResourceExhausted,
+                        "RATE_LIMITED",
+                        "the Cognito rate budget is exhausted",
+                        true,
+                    ),
+                    ErrorDetails::with_retry_info(Some(limited.retry_after)),
+                )
+            }
+            SignOutError::Overloaded => (
+                row(
+                    Code::ResourceExhausted,
+                    "OVERLOADED",
+                    "too many Cognito calls in flight",
+                    true,
+                ),
+                ErrorDetails::new(),
+            ),
             SignOutError::Upstream(upstream) => {
                 if let Some(id) = &upstream.aws_request_id {
                     metadata.insert("aws_request_id".to_owned(), id.clone());
@@ -257,7 +319,7 @@ impl From<SignOutError> for Status {
             }
         };
         details.set_error_info(row.reason, ERROR_DOMAIN, metadata);
-        if row.retryable {
+        if row.retryable && details.retry_info().is_none() {
             details.set_retry_info(Some(RETRY_DELAY));
         }
         // A field violation names the field and the rule, never the value,
@@ -290,7 +352,7 @@ mod tests {
     use super::*;
 
     fn upstream(kind: UpstreamErrorKind) -> SignOutError {
-        let mut error = UpstreamError::new(kind, "boom");
+        let mut error = UpstreamError::new(kind, std::io::Error::other("boom"));
         error.aws_request_id = Some("req-1".into());
         error.cognito_code = Some("SomeException".into());
         error.into()
@@ -322,6 +384,20 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_carry_the_computed_retry_delay() {
+        let limited = RateLimited {
+            retry_after: Duration::from_millis(250),
+            cause: RateLimitCause::WouldWaitTooLong,
+        };
+        let status = Status::from(SignOutError::from(limited));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(info.reason, "RATE_LIMITED");
+        let retry = status.get_details_retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(250)));
+    }
+
+    #[test]
     fn messages_never_echo_the_upstream_cause() {
         let status = Status::from(upstream(UpstreamErrorKind::Unexpected));
         assert!(!status.message().contains("boom"));
@@ -340,7 +416,8 @@ mod tests {
 
     #[test]
     fn the_error_chain_shows_every_cause() {
-        let error = SignOutError::from(UpstreamError::new(UpstreamErrorKind::Timeout, "slow"));
+        let slow = std::io::Error::other("slow");
+        let error = SignOutError::from(UpstreamError::new(UpstreamErrorKind::Timeout, slow));
         let text = ErrorChain(&error).to_string();
         assert!(text.ends_with(": slow"), "{text}");
     }

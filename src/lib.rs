@@ -3,7 +3,8 @@
 //!
 //! The request path, in order: [`startup`] (transport, health, reflection) →
 //! [`service`] (handler) → [`domain`] (validation) → [`pools`] (which pool) →
-//! [`cognito`] (the SDK call) → [`error`] (the status table).
+//! [`limiter`] (per-caller limits) → [`signout`] (coalescing, shared budget,
+//! retries) → [`cognito`] (the SDK call) → [`error`] (the status table).
 
 pub mod cognito;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod limiter;
 pub mod pools;
 pub mod service;
+pub mod signout;
 pub mod startup;
 pub mod telemetry;
 

@@ -11,9 +11,11 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     cognito::Cognito,
     config::Config,
+    limiter::{CallerLimits, UpstreamBudget},
     pools::DefaultPoolNotAllowed,
     proto::{self, session_service_server::SessionServiceServer},
     service::SessionApi,
+    signout::SignOutFlow,
 };
 
 /// Largest request the API decodes. A GlobalSignOutRequest is under 200 bytes;
@@ -70,6 +72,13 @@ impl Application {
             return Err(StartupError::NoRegion);
         }
         let cognito = Cognito::new(sdk_config, &config.upstream());
+        let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
+        let flow = SignOutFlow::new(
+            cognito,
+            UpstreamBudget::start(config.budget()),
+            max_in_flight,
+            config.retry(),
+        );
         let bind_error = |source| StartupError::Bind {
             addr: config.listen,
             source,
@@ -79,7 +88,13 @@ impl Application {
         Ok(Self {
             incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
             local_addr,
-            api: SessionApi::new(cognito, pools, config.upstream_timeout),
+            api: SessionApi::new(
+                flow,
+                pools,
+                CallerLimits::new(config.callers()),
+                config.caller_id_header.clone(),
+                config.upstream_timeout,
+            ),
             shutdown_grace: config.shutdown_grace,
         })
     }

@@ -32,13 +32,16 @@ impl CallerId {
     pub fn parse(value: &str) -> Result<Self, InvalidField> {
         let allowed = |c: char| c.is_ascii_alphanumeric() || "._-:/@".contains(c);
         if value.is_empty() || value.len() > CALLER_ID_MAX_CHARS || !value.chars().all(allowed) {
-            return Err(InvalidField {
-                field: "caller id header",
-                description: "must be 1 to 128 characters of A-Z a-z 0-9 . _ - : / @",
-            });
+            return Err(Self::INVALID);
         }
         Ok(Self(value.to_owned()))
     }
+
+    /// What a malformed caller id is told.
+    pub const INVALID: InvalidField = InvalidField {
+        field: "caller id header",
+        description: "must be 1 to 128 characters of A-Z a-z 0-9 . _ - : / @",
+    };
 
     /// The id, for logs and metric labels.
     pub fn as_str(&self) -> &str {
