@@ -40,6 +40,7 @@ pub(crate) struct Recorded {
     pub(crate) content_type: Option<String>,
     pub(crate) signed: bool,
     pub(crate) body: serde_json::Value,
+    pub(crate) arrived: std::time::Instant,
 }
 
 pub(crate) struct FakeCognito {
@@ -107,34 +108,50 @@ async fn handle(
     let target = header("x-amz-target");
     let content_type = header("content-type");
     let signed = header("authorization").is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
+    let arrived = std::time::Instant::now();
     let body = request
         .into_body()
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    recorded.lock().expect("not poisoned").push(Recorded {
-        target,
-        content_type,
-        signed,
-        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-    });
-    Ok(respond(reply).await)
+    let number = {
+        let mut recorded = recorded.lock().expect("not poisoned");
+        recorded.push(Recorded {
+            target,
+            content_type,
+            signed,
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            arrived,
+        });
+        recorded.len()
+    };
+    Ok(respond(reply, number).await)
 }
 
-async fn respond(reply: Reply) -> Response<Full<Bytes>> {
+/// The request id of the `number`-th request (1-based) when it succeeds.
+pub(crate) fn ok_request_id(number: usize) -> String {
+    format!("{FAKE_REQUEST_ID}-{number}")
+}
+
+async fn respond(reply: Reply, number: usize) -> Response<Full<Bytes>> {
     let mut reply = reply;
     while let Reply::Delayed(delay, inner) = reply {
         tokio::time::sleep(delay).await;
         reply = *inner;
     }
-    let builder = Response::builder()
-        .header("x-amzn-requestid", FAKE_REQUEST_ID)
-        .header("content-type", "application/x-amz-json-1.1");
+    const AWS_JSON: &str = "application/x-amz-json-1.1";
+    let builder = Response::builder();
     let response = match reply {
-        Reply::Ok => builder.status(200).body(Full::from("{}")),
+        Reply::Ok => builder
+            .status(200)
+            .header("content-type", AWS_JSON)
+            .header("x-amzn-requestid", ok_request_id(number))
+            .body(Full::from("{}")),
         Reply::AwsError { status, code } => builder
             .status(status)
+            .header("content-type", AWS_JSON)
+            .header("x-amzn-requestid", FAKE_REQUEST_ID)
             // Real Cognito appends ':' to the type; the SDK must strip it.
             .header("x-amzn-errortype", format!("{code}:"))
             .header("x-amzn-errormessage", "fake error message")
@@ -147,6 +164,7 @@ async fn respond(reply: Reply) -> Response<Full<Bytes>> {
             body,
         } => builder
             .status(status)
+            .header("x-amzn-requestid", FAKE_REQUEST_ID)
             .header("content-type", content_type)
             .body(Full::from(body)),
         Reply::Delayed(..) => unreachable!("unwrapped above"),

@@ -6,6 +6,7 @@ mod grpcurl;
 mod helpers;
 mod lifecycle;
 mod moto;
+mod rate_limit;
 mod status_mapping;
 mod tools;
 mod validation;

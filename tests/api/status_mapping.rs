@@ -8,7 +8,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::{
-    fake_cognito::{FAKE_REQUEST_ID, FakeCognito, Reply},
+    fake_cognito::{FAKE_REQUEST_ID, FakeCognito, Reply, ok_request_id},
     helpers::{POOL, SECRET_USERNAME, TestApp, assert_error, sdk_config_with, test_config},
 };
 
@@ -74,7 +74,7 @@ async fn success_returns_the_request_id_and_sends_the_documented_request() {
         .expect("ok")
         .into_inner();
 
-    assert_eq!(response.aws_request_id, FAKE_REQUEST_ID);
+    assert_eq!(response.aws_request_id, ok_request_id(1));
     assert!(response.signed_out_at.is_some());
     let requests = fake.requests();
     assert_eq!(requests.len(), 1);
