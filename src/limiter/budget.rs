@@ -299,6 +299,23 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    type Waiter = tokio::task::JoinHandle<Result<(), RateLimited>>;
+
+    /// Spawns `n` more waiters and returns once they are all in the queue.
+    async fn queue_waiters(budget: &UpstreamBudget, n: usize) -> Vec<Waiter> {
+        let target = budget.queue_depth() + n;
+        let waiters = (0..n)
+            .map(|_| {
+                let budget = budget.clone();
+                tokio::spawn(async move { budget.acquire(None).await })
+            })
+            .collect();
+        while budget.queue_depth() < target {
+            tokio::task::yield_now().await;
+        }
+        waiters
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_request_waits_for_the_next_permit_within_its_deadline() {
         let budget = budget(10.0, 1, 10);
@@ -333,15 +350,7 @@ mod tests {
     async fn the_retry_delay_counts_the_requests_already_queued() {
         let budget = budget(10.0, 1, 10);
         budget.acquire(None).await.expect("burst");
-        let queued: Vec<_> = (0..3)
-            .map(|_| {
-                let budget = budget.clone();
-                tokio::spawn(async move { budget.acquire(None).await })
-            })
-            .collect();
-        while budget.queue_depth() < 3 {
-            tokio::task::yield_now().await;
-        }
+        let queued = queue_waiters(&budget, 3).await;
         let start = Instant::now();
 
         let refused = budget
@@ -387,15 +396,7 @@ mod tests {
     async fn a_full_queue_refuses_at_once() {
         let budget = budget(1.0, 1, 2);
         budget.acquire(None).await.expect("burst");
-        let _waiting: Vec<_> = (0..2)
-            .map(|_| {
-                let budget = budget.clone();
-                tokio::spawn(async move { budget.acquire(None).await })
-            })
-            .collect();
-        while budget.queue_depth() < 2 {
-            tokio::task::yield_now().await;
-        }
+        let _waiting = queue_waiters(&budget, 2).await;
 
         let refused = budget.acquire(None).await.expect_err("full");
 
@@ -407,13 +408,7 @@ mod tests {
         let budget = budget(10.0, 1, 10);
         let start = Instant::now();
         budget.acquire(None).await.expect("burst");
-        let cancelled = {
-            let budget = budget.clone();
-            tokio::spawn(async move { budget.acquire(None).await })
-        };
-        while budget.queue_depth() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let cancelled = queue_waiters(&budget, 1).await.remove(0);
 
         cancelled.abort();
         let _ = cancelled.await;
