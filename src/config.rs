@@ -122,10 +122,30 @@ pub struct Config {
     #[arg(long, env = "SESSION_MAX_TRACKED_CALLERS", default_value_t = 10_000)]
     pub max_tracked_callers: usize,
 
-    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before
-    /// the server exits anyway.
+    /// On SIGTERM/SIGINT, how long the server keeps serving (health already
+    /// NOT_SERVING) so that load balancers and clients stop sending, before
+    /// it stops accepting. Use 0s for local runs.
+    #[arg(long, env = "SESSION_DRAIN_DELAY", default_value = "5s", value_name = "DURATION", value_parser = parse_duration_or_zero)]
+    pub drain_delay: Duration,
+
+    /// After the drain delay, how long in-flight calls may take to finish
+    /// before the server exits anyway.
     #[arg(long, env = "SESSION_SHUTDOWN_GRACE", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Age at which a client connection is sent GOAWAY, so that long-lived
+    /// HTTP/2 connections rebalance to new pods (clients reconnect).
+    #[arg(long, env = "SESSION_MAX_CONNECTION_AGE", default_value = "5m", value_name = "DURATION", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// Interval of HTTP/2 PING keepalives on idle connections, to find dead
+    /// peers behind NATs and load balancers.
+    #[arg(long, env = "SESSION_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// Time to wait for a keepalive PING's answer before closing the connection.
+    #[arg(long, env = "SESSION_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
 
     /// Log line format on stdout. The filter comes from RUST_LOG (default
     /// "info").
@@ -220,6 +240,10 @@ fn parse_metadata_key(value: &str) -> Result<String, String> {
         return Err("must be a lowercase ASCII metadata key, not -bin or grpc-".into());
     }
     Ok(value.to_owned())
+}
+
+fn parse_duration_or_zero(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 0s, 500ms, 5s)"))
 }
 
 fn parse_endpoint(value: &str) -> Result<String, String> {

@@ -60,7 +60,17 @@ pub struct Application {
     incoming: TcpIncoming,
     local_addr: SocketAddr,
     api: SessionApi,
+    lifecycle: Lifecycle,
+}
+
+/// Connection and shutdown timings, from the flags.
+#[derive(Debug, Clone, Copy)]
+struct Lifecycle {
+    drain_delay: Duration,
     shutdown_grace: Duration,
+    max_connection_age: Duration,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
 }
 
 impl Application {
@@ -95,7 +105,13 @@ impl Application {
                 config.caller_id_header.clone(),
                 config.upstream_timeout,
             ),
-            shutdown_grace: config.shutdown_grace,
+            lifecycle: Lifecycle {
+                drain_delay: config.drain_delay,
+                shutdown_grace: config.shutdown_grace,
+                max_connection_age: config.max_connection_age,
+                keepalive_interval: config.http2_keepalive_interval,
+                keepalive_timeout: config.http2_keepalive_timeout,
+            },
         })
     }
 
@@ -104,8 +120,9 @@ impl Application {
         self.local_addr
     }
 
-    /// Serves until `shutdown` resolves, then: health NOT_SERVING, stop
-    /// accepting, let in-flight calls finish for at most the shutdown grace.
+    /// Serves until `shutdown` resolves, then: health NOT_SERVING at once,
+    /// keep serving for the drain delay, stop accepting (GOAWAY), let
+    /// in-flight calls finish for at most the shutdown grace.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -116,13 +133,18 @@ impl Application {
         // grpcurl up to 1.8.x only speaks v1alpha.
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
+        let lifecycle = self.lifecycle;
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel();
         let stop_accepting = {
             let health = health.clone();
             async move {
                 shutdown.await;
-                tracing::info!("shutdown requested: health NOT_SERVING, draining");
                 set_health(&health, ServingStatus::NotServing).await;
+                tracing::info!(drain_delay = ?lifecycle.drain_delay, "shutdown requested: health NOT_SERVING, still serving");
+                // Endpoint removal takes a while to reach every load balancer
+                // and client; calls that arrive meanwhile are still served.
+                tokio::time::sleep(lifecycle.drain_delay).await;
+                tracing::info!("drain delay over: refusing new calls, finishing in-flight ones");
                 let _ = draining_tx.send(());
             }
         };
@@ -130,6 +152,13 @@ impl Application {
         set_health(&health, ServingStatus::Serving).await;
         tracing::info!(addr = %self.local_addr, "serving session.v1.SessionService");
         let server = Server::builder()
+            // GOAWAY at this age makes clients reconnect, so connections
+            // pinned to old pods behind a ClusterIP rebalance. No age *grace*:
+            // with tonic 0.14.9 it suppresses the GOAWAY altogether.
+            .max_connection_age(lifecycle.max_connection_age)
+            // PINGs find dead peers that TCP alone would not notice for hours.
+            .http2_keepalive_interval(Some(lifecycle.keepalive_interval))
+            .http2_keepalive_timeout(Some(lifecycle.keepalive_timeout))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -138,7 +167,7 @@ impl Application {
 
         // tonic waits for every connection to close, with no limit: an idle
         // keep-alive client or a Health/Watch stream would hold us forever.
-        let grace = self.shutdown_grace;
+        let grace = lifecycle.shutdown_grace;
         let grace_expired = async move {
             if draining_rx.await.is_err() {
                 std::future::pending::<()>().await;

@@ -85,7 +85,14 @@ fn help_documents_an_environment_variable_for_every_flag() {
 fn sigterm_drains_and_exits_zero() {
     let mut child = service()
         .env("AWS_REGION", "us-east-1")
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--drain-delay",
+            "0s",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -47,6 +47,8 @@ pub(crate) fn test_config(endpoint: &str) -> Config {
         "1ms",
         "--shutdown-grace",
         "5s",
+        "--drain-delay",
+        "0s",
     ])
     .expect("test flags parse")
 }

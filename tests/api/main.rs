@@ -1,6 +1,8 @@
 //! Black-box tests: the real server on port 0, the generated client, and
 //! Cognito faked over HTTP or played by moto.
 
+mod connection_age;
+mod drain;
 mod fake_cognito;
 mod grpcurl;
 mod helpers;
