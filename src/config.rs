@@ -147,6 +147,11 @@ pub struct Config {
     #[arg(long, env = "SESSION_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub http2_keepalive_timeout: Duration,
 
+    /// Validate the flags, the environment and the AWS region, print the
+    /// result and exit (0 when valid, 64 when not) without serving.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Log line format on stdout. The filter comes from RUST_LOG (default
     /// "info").
     #[arg(long, env = "SESSION_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]

@@ -4,7 +4,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use session_service::{config::Config, startup::Application, telemetry};
+use session_service::{
+    config::Config,
+    startup::{self, Application},
+    telemetry,
+};
 
 /// EX_USAGE from sysexits.h: the command line or environment was wrong.
 const EXIT_USAGE: u8 = 64;
@@ -33,6 +37,18 @@ async fn main() -> ExitCode {
     let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .load()
         .await;
+    if config.check_config {
+        return match startup::check(&config, &sdk_config) {
+            Ok(_) => {
+                println!("configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::from(error.exit_code())
+            }
+        };
+    }
     let app = match Application::build(&config, &sdk_config).await {
         Ok(app) => app,
         Err(error) => {
@@ -40,10 +56,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(error.exit_code());
         }
     };
-    match app
-        .run_until_stopped(session_service::startup::shutdown_signal())
-        .await
-    {
+    match app.run_until_stopped(startup::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");

@@ -12,7 +12,7 @@ use crate::{
     cognito::Cognito,
     config::Config,
     limiter::{CallerLimits, UpstreamBudget},
-    pools::DefaultPoolNotAllowed,
+    pools::{DefaultPoolNotAllowed, PoolPolicy},
     proto::{self, session_service_server::SessionServiceServer},
     service::SessionApi,
     signout::SignOutFlow,
@@ -54,6 +54,16 @@ impl StartupError {
     }
 }
 
+/// Checks what can be checked without serving: flags that are only wrong
+/// together, and the region. Returns the pool policy they describe.
+pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<PoolPolicy, StartupError> {
+    let pools = config.pool_policy()?;
+    if sdk_config.region().is_none() {
+        return Err(StartupError::NoRegion);
+    }
+    Ok(pools)
+}
+
 /// A bound, ready-to-run server. Bind to port 0 and read [`Self::local_addr`]
 /// to run one per test.
 pub struct Application {
@@ -77,10 +87,7 @@ impl Application {
     /// Validates the configuration, builds the Cognito client and binds the
     /// listener. Nothing is served until [`Self::run_until_stopped`].
     pub async fn build(config: &Config, sdk_config: &SdkConfig) -> Result<Self, StartupError> {
-        let pools = config.pool_policy()?;
-        if sdk_config.region().is_none() {
-            return Err(StartupError::NoRegion);
-        }
+        let pools = check(config, sdk_config)?;
         let cognito = Cognito::new(sdk_config, &config.upstream());
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(

