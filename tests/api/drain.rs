@@ -15,7 +15,7 @@ use tonic_health::pb::{
 
 use crate::{
     fake_cognito::{FakeCognito, Reply},
-    helpers::{POOL, channel},
+    helpers::{POOL, channel, wait_for_exit},
 };
 
 const IN_FLIGHT: usize = 100;
@@ -171,18 +171,4 @@ async fn channel_or_refused(
         .await
         .ok()
         .map(SessionServiceClient::new)
-}
-
-fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

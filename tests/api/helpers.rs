@@ -167,3 +167,21 @@ pub(crate) fn assert_error(status: &Status, code: Code, reason: &str, retryable:
         "echoed upstream text"
     );
 }
+
+/// Waits for `child` to exit, killing it and failing after `limit`.
+pub(crate) fn wait_for_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,7 +1,10 @@
-//! Black-box tests: the real server on port 0, the generated client, and
-//! Cognito faked over HTTP or played by moto.
+//! Black-box tests, one binary: the real server on port 0 (or the real
+//! binary), the generated client, Cognito faked over HTTP or played by moto,
+//! and the rendered deploy manifests.
 
+mod cli;
 mod connection_age;
+mod deploy;
 mod drain;
 mod fake_cognito;
 mod grpcurl;

@@ -6,6 +6,8 @@ use std::{
     time::Duration,
 };
 
+use crate::helpers::wait_for_exit;
+
 const BIN: &str = env!("CARGO_BIN_EXE_session-service");
 
 /// The binary with no inherited AWS or SESSION_ settings, and no way to
@@ -124,21 +126,7 @@ fn sigterm_drains_and_exits_zero() {
         .status()
         .expect("kill runs");
     assert!(kill.success());
-    let status = wait_with_limit(&mut child, Duration::from_secs(30));
+    let status = wait_for_exit(&mut child, Duration::from_secs(30));
 
     assert_eq!(status.code(), Some(0));
-}
-
-fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("did not exit within {limit:?} of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
