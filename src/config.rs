@@ -147,6 +147,27 @@ pub struct Config {
     #[arg(long, env = "SESSION_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub http2_keepalive_timeout: Duration,
 
+    /// Address of the admin listener serving Prometheus metrics at /metrics.
+    #[arg(long, env = "SESSION_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Key of the keyed hash (HMAC-SHA256) that stands for usernames in logs.
+    /// Set the same secret on every replica to follow a user across them;
+    /// without it a random key is drawn at start (hashes then match only
+    /// within one process).
+    #[arg(
+        long,
+        env = "SESSION_LOG_USER_HASH_KEY",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub log_user_hash_key: Option<String>,
+
+    /// Also write usernames themselves into access logs (personal data:
+    /// explicit opt-in). Spans and metric labels never carry them.
+    #[arg(long, env = "SESSION_LOG_USERNAMES")]
+    pub log_usernames: bool,
+
     /// Validate the flags, the environment and the AWS region, print the
     /// result and exit (0 when valid, 64 when not) without serving.
     #[arg(long)]

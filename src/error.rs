@@ -74,6 +74,28 @@ impl UpstreamError {
     }
 }
 
+impl UpstreamError {
+    /// A bounded label for metrics: Cognito's own error code when it is one
+    /// we know, else the kind of failure (never an arbitrary upstream string).
+    pub fn outcome_label(&self) -> &'static str {
+        use UpstreamErrorKind as K;
+        match self.kind {
+            K::UserNotFound => "UserNotFoundException",
+            K::UserPoolNotFound => "ResourceNotFoundException",
+            K::InvalidParameter => "InvalidParameterException",
+            K::NotAuthorized => "NotAuthorizedException",
+            K::OperationNotEnabled => "OperationNotEnabledException",
+            K::Throttled => "TooManyRequestsException",
+            K::InternalError => "InternalErrorException",
+            K::AuthFailed => "AuthFailed",
+            K::Unexpected => "UnexpectedError",
+            K::Timeout => "Timeout",
+            K::Unreachable => "Unreachable",
+            K::BadResponse => "BadResponse",
+        }
+    }
+}
+
 /// The failures callers can tell apart; one row each in the status table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
@@ -220,14 +242,12 @@ impl UpstreamErrorKind {
 impl SignOutError {
     /// The gRPC code this error maps to.
     pub fn code(&self) -> Code {
-        match self {
-            Self::InvalidField(_) | Self::UserPoolRequired => Code::InvalidArgument,
-            Self::UserPoolNotAllowed => Code::PermissionDenied,
-            Self::CallerRateLimited(_) | Self::RateLimited(_) | Self::Overloaded => {
-                Code::ResourceExhausted
-            }
-            Self::Upstream(upstream) => upstream.kind.status_row().code,
-        }
+        status_parts(self).0.code
+    }
+
+    /// The ErrorInfo reason this error carries.
+    pub fn reason(&self) -> &'static str {
+        status_parts(self).0.reason
     }
 
     /// True for failures that are the service's or Cognito's fault rather
@@ -240,84 +260,91 @@ impl SignOutError {
     }
 }
 
-impl From<SignOutError> for Status {
-    fn from(error: SignOutError) -> Self {
-        let mut metadata = HashMap::new();
-        let (row, mut details) = match &error {
-            SignOutError::InvalidField(invalid) => (
-                row(
-                    Code::InvalidArgument,
-                    "INVALID_FIELD",
-                    "invalid request field",
-                    false,
-                ),
-                ErrorDetails::with_bad_request_violation(invalid.field, invalid.description),
+/// The status row, details and ErrorInfo metadata of an error: the whole
+/// table in one place.
+fn status_parts(error: &SignOutError) -> (StatusRow, ErrorDetails, HashMap<String, String>) {
+    let mut metadata = HashMap::new();
+    let (row, details) = match error {
+        SignOutError::InvalidField(invalid) => (
+            row(
+                Code::InvalidArgument,
+                "INVALID_FIELD",
+                "invalid request field",
+                false,
             ),
-            SignOutError::UserPoolRequired => (
-                row(
-                    Code::InvalidArgument,
-                    "USER_POOL_REQUIRED",
-                    "user_pool_id is required: the server has no default pool",
-                    false,
-                ),
-                ErrorDetails::with_bad_request_violation(
-                    "user_pool_id",
-                    "required: the server has no default user pool",
-                ),
+            ErrorDetails::with_bad_request_violation(invalid.field, invalid.description),
+        ),
+        SignOutError::UserPoolRequired => (
+            row(
+                Code::InvalidArgument,
+                "USER_POOL_REQUIRED",
+                "user_pool_id is required: the server has no default pool",
+                false,
             ),
-            SignOutError::UserPoolNotAllowed => (
-                row(
-                    Code::PermissionDenied,
-                    "USER_POOL_NOT_ALLOWED",
-                    "this service may not act on that user pool",
-                    false,
-                ),
-                ErrorDetails::new(),
+            ErrorDetails::with_bad_request_violation(
+                "user_pool_id",
+                "required: the server has no default user pool",
             ),
-            SignOutError::CallerRateLimited(limited) => (
+        ),
+        SignOutError::UserPoolNotAllowed => (
+            row(
+                Code::PermissionDenied,
+                "USER_POOL_NOT_ALLOWED",
+                "this service may not act on that user pool",
+                false,
+            ),
+            ErrorDetails::new(),
+        ),
+        SignOutError::CallerRateLimited(limited) => (
+            row(
+                Code::ResourceExhausted,
+                "CALLER_RATE_LIMITED",
+                "this caller is over its sign-out rate",
+                true,
+            ),
+            ErrorDetails::with_retry_info(Some(limited.retry_after)),
+        ),
+        SignOutError::RateLimited(limited) => {
+            let cause = match limited.cause {
+                RateLimitCause::QueueFull => "queue_full",
+                RateLimitCause::WouldWaitTooLong => "wait_exceeds_deadline",
+            };
+            metadata.insert("cause".to_owned(), cause.to_owned());
+            (
                 row(
                     Code::ResourceExhausted,
-                    "CALLER_RATE_LIMITED",
-                    "this caller is over its sign-out rate",
+                    "RATE_LIMITED",
+                    "the Cognito rate budget is exhausted",
                     true,
                 ),
                 ErrorDetails::with_retry_info(Some(limited.retry_after)),
+            )
+        }
+        SignOutError::Overloaded => (
+            row(
+                Code::ResourceExhausted,
+                "OVERLOADED",
+                "too many Cognito calls in flight",
+                true,
             ),
-            SignOutError::RateLimited(limited) => {
-                let cause = match limited.cause {
-                    RateLimitCause::QueueFull => "queue_full",
-                    RateLimitCause::WouldWaitTooLong => "wait_exceeds_deadline",
-                };
-                metadata.insert("cause".to_owned(), cause.to_owned());
-                (
-                    row(
-                        Code::ResourceExhausted,
-                        "RATE_LIMITED",
-                        "the Cognito rate budget is exhausted",
-                        true,
-                    ),
-                    ErrorDetails::with_retry_info(Some(limited.retry_after)),
-                )
+            ErrorDetails::new(),
+        ),
+        SignOutError::Upstream(upstream) => {
+            if let Some(id) = &upstream.aws_request_id {
+                metadata.insert("aws_request_id".to_owned(), id.clone());
             }
-            SignOutError::Overloaded => (
-                row(
-                    Code::ResourceExhausted,
-                    "OVERLOADED",
-                    "too many Cognito calls in flight",
-                    true,
-                ),
-                ErrorDetails::new(),
-            ),
-            SignOutError::Upstream(upstream) => {
-                if let Some(id) = &upstream.aws_request_id {
-                    metadata.insert("aws_request_id".to_owned(), id.clone());
-                }
-                if let Some(code) = &upstream.cognito_code {
-                    metadata.insert("cognito_error_code".to_owned(), code.clone());
-                }
-                (upstream.kind.status_row(), ErrorDetails::new())
+            if let Some(code) = &upstream.cognito_code {
+                metadata.insert("cognito_error_code".to_owned(), code.clone());
             }
-        };
+            (upstream.kind.status_row(), ErrorDetails::new())
+        }
+    };
+    (row, details, metadata)
+}
+
+impl From<SignOutError> for Status {
+    fn from(error: SignOutError) -> Self {
+        let (row, mut details, metadata) = status_parts(&error);
         details.set_error_info(row.reason, ERROR_DOMAIN, metadata);
         if row.retryable && details.retry_info().is_none() {
             details.set_retry_info(Some(RETRY_DELAY));

@@ -12,6 +12,7 @@ pub mod deadline;
 pub mod domain;
 pub mod error;
 pub mod limiter;
+pub mod metrics;
 pub mod pools;
 pub mod service;
 pub mod signout;

@@ -28,10 +28,21 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Built inside the runtime: the OTLP exporter's channel lives there.
+    let tracer_provider =
+        match telemetry::otlp_endpoint_from_env().map(|e| telemetry::tracer_provider(&e)) {
+            None => None,
+            Some(Ok(provider)) => Some(provider),
+            Some(Err(error)) => {
+                eprintln!("error: OpenTelemetry exporter: {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
     telemetry::init(telemetry::subscriber(
         config.log_format,
         "info",
         std::io::stdout,
+        tracer_provider.as_ref(),
     ));
 
     let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -56,7 +67,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(error.exit_code());
         }
     };
-    match app.run_until_stopped(startup::shutdown_signal()).await {
+    let result = app.run_until_stopped(startup::shutdown_signal()).await;
+    // Export the spans still buffered.
+    if let Some(provider) = tracer_provider
+        && let Err(error) = provider.shutdown()
+    {
+        eprintln!("warning: flushing traces: {error}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");

@@ -18,12 +18,14 @@ use tokio::{
     sync::{Semaphore, watch},
     time::Instant,
 };
+use tracing::{Instrument, field::Empty};
 
 use crate::{
     cognito::{Cognito, SignedOut},
     domain::{UserPoolId, Username},
     error::{SignOutError, UpstreamError, UpstreamErrorKind},
     limiter::UpstreamBudget,
+    metrics::Metrics,
 };
 
 /// Longest pause between two attempts, whatever the attempt number.
@@ -52,7 +54,9 @@ struct Inner {
     cognito: Cognito,
     budget: UpstreamBudget,
     in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
     retry: RetrySettings,
+    metrics: Arc<Metrics>,
     /// Sign-outs waiting for their first permit, by (pool, user).
     queued: Mutex<HashMap<Key, watch::Sender<Option<Outcome>>>>,
 }
@@ -64,16 +68,24 @@ impl SignOutFlow {
         budget: UpstreamBudget,
         max_in_flight: usize,
         retry: RetrySettings,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cognito,
                 budget,
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
+                max_in_flight,
                 retry,
+                metrics,
                 queued: Mutex::default(),
             }),
         }
+    }
+
+    /// Cognito calls under way now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.max_in_flight - self.inner.in_flight.available_permits()
     }
 
     /// The shared budget (for metrics and tests).
@@ -113,12 +125,18 @@ impl SignOutFlow {
         }
         let (outcome, receiver) = watch::channel(None);
         queued.insert(key.clone(), outcome.clone());
-        // A task of its own, so the group survives its first caller leaving.
-        tokio::spawn(self.clone().lead(key, outcome, deadline));
+        // A task of its own, so the group survives its first caller leaving;
+        // traced under the first caller's RPC span.
+        tokio::spawn(
+            self.clone()
+                .lead(key, outcome, deadline)
+                .instrument(tracing::Span::current()),
+        );
         receiver
     }
 
     async fn lead(self, key: Key, outcome: watch::Sender<Option<Outcome>>, deadline: Instant) {
+        let waiting_since = Instant::now();
         let permit = tokio::select! {
             permit = self.inner.budget.acquire(Some(deadline)) => permit,
             // Every caller gave up: leave the queue, take no permit.
@@ -131,11 +149,63 @@ impl SignOutFlow {
         // minted after Cognito processed this call would survive it, so a
         // request that arrives now must make a call of its own.
         self.forget(&key);
+        let waited = waiting_since.elapsed();
         let result = match permit {
-            Ok(()) => self.call_with_retries(&key.0, &key.1, deadline).await,
-            Err(limited) => Err(limited.into()),
+            Ok(()) => {
+                self.inner.metrics.permit_wait.observe(waited.as_secs_f64());
+                tracing::debug!(
+                    wait_ms = waited.as_secs_f64() * 1000.0,
+                    "rate-limit permit granted"
+                );
+                let span = cognito_span();
+                self.call_with_retries(&key.0, &key.1, deadline, &span)
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(limited) => {
+                tracing::debug!(
+                    retry_after_ms = limited.retry_after.as_millis() as u64,
+                    "no rate-limit permit"
+                );
+                Err(limited.into())
+            }
         };
         let _ = outcome.send(Some(result));
+    }
+
+    /// Metrics and span fields of one attempt.
+    fn record_attempt(
+        &self,
+        result: &Result<SignedOut, UpstreamError>,
+        started: Instant,
+        span: &tracing::Span,
+    ) {
+        let outcome = match result {
+            Ok(signed_out) => {
+                span.record("aws.request_id", signed_out.aws_request_id.as_str());
+                "OK"
+            }
+            Err(error) => {
+                if let Some(id) = &error.aws_request_id {
+                    span.record("aws.request_id", id.as_str());
+                }
+                if let Some(code) = &error.cognito_code {
+                    span.record("cognito.error_code", code.as_str());
+                }
+                span.record("otel.status_code", "ERROR");
+                error.outcome_label()
+            }
+        };
+        span.record("outcome", outcome);
+        let metrics = &self.inner.metrics;
+        metrics
+            .upstream_requests
+            .with_label_values(&[outcome])
+            .inc();
+        metrics
+            .upstream_duration
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn forget(&self, key: &Key) {
@@ -153,6 +223,7 @@ impl SignOutFlow {
         pool: &UserPoolId,
         username: &Username,
         deadline: Instant,
+        span: &tracing::Span,
     ) -> Outcome {
         let mut attempt = 1;
         let mut last_error: Option<UpstreamError> = None;
@@ -160,13 +231,16 @@ impl SignOutFlow {
             let Ok(_slot) = self.inner.in_flight.clone().try_acquire_owned() else {
                 return Err(last_error.map_or(SignOutError::Overloaded, SignOutError::from));
             };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let error = match self
+            span.record("attempts", attempt);
+            let started = Instant::now();
+            let remaining = deadline.saturating_duration_since(started);
+            let result = self
                 .inner
                 .cognito
                 .global_sign_out(pool, username, remaining)
-                .await
-            {
+                .await;
+            self.record_attempt(&result, started, span);
+            let error = match result {
                 Ok(signed_out) => return Ok(signed_out),
                 Err(error) => error,
             };
@@ -191,6 +265,23 @@ impl SignOutFlow {
             last_error = Some(error);
         }
     }
+}
+
+/// The client span of the Cognito call, retries included.
+fn cognito_span() -> tracing::Span {
+    tracing::info_span!(
+        "cognito",
+        otel.name = "CognitoIdentityProvider/AdminUserGlobalSignOut",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        rpc.system = "aws-api",
+        rpc.service = "CognitoIdentityProvider",
+        rpc.method = "AdminUserGlobalSignOut",
+        attempts = Empty,
+        outcome = Empty,
+        aws.request_id = Empty,
+        cognito.error_code = Empty,
+    )
 }
 
 fn no_outcome() -> SignOutError {

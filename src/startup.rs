@@ -1,7 +1,7 @@
 //! Assembles the gRPC server (the API, health, reflection) and runs it until
 //! a shutdown signal, draining in-flight calls within a bounded grace.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use aws_config::SdkConfig;
 use tokio::net::TcpListener;
@@ -12,10 +12,12 @@ use crate::{
     cognito::Cognito,
     config::Config,
     limiter::{CallerLimits, UpstreamBudget},
+    metrics::{Metrics, Sampled},
     pools::{DefaultPoolNotAllowed, PoolPolicy},
     proto::{self, session_service_server::SessionServiceServer},
-    service::SessionApi,
+    service::{SessionApi, UserLogging},
     signout::SignOutFlow,
+    telemetry::{RpcTelemetryLayer, UserHasher},
 };
 
 /// Largest request the API decodes. A GlobalSignOutRequest is under 200 bytes;
@@ -69,6 +71,10 @@ pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<PoolPolicy, Star
 pub struct Application {
     incoming: TcpIncoming,
     local_addr: SocketAddr,
+    metrics_listener: TcpListener,
+    metrics_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    flow: SignOutFlow,
     api: SessionApi,
     lifecycle: Lifecycle,
 }
@@ -89,28 +95,54 @@ impl Application {
     pub async fn build(config: &Config, sdk_config: &SdkConfig) -> Result<Self, StartupError> {
         let pools = check(config, sdk_config)?;
         let cognito = Cognito::new(sdk_config, &config.upstream());
+        let metrics = Arc::new(Metrics::new());
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             cognito,
             UpstreamBudget::start(config.budget()),
             max_in_flight,
             config.retry(),
+            metrics.clone(),
         );
+        let hasher = match &config.log_user_hash_key {
+            Some(key) => UserHasher::with_key(key.as_bytes()),
+            None => {
+                tracing::warn!(
+                    "no --log-user-hash-key: user hashes in logs match only within this process"
+                );
+                UserHasher::random()
+            }
+        };
         let bind_error = |source| StartupError::Bind {
             addr: config.listen,
             source,
         };
         let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
+        let (metrics_listener, metrics_addr) = crate::metrics::bind(config.metrics_listen)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.metrics_listen,
+                source,
+            })?;
         Ok(Self {
             incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
             local_addr,
+            metrics_listener,
+            metrics_addr,
+            metrics: metrics.clone(),
+            flow: flow.clone(),
             api: SessionApi::new(
                 flow,
                 pools,
                 CallerLimits::new(config.callers()),
                 config.caller_id_header.clone(),
                 config.upstream_timeout,
+                UserLogging {
+                    hasher,
+                    log_usernames: config.log_usernames,
+                },
+                metrics,
             ),
             lifecycle: Lifecycle {
                 drain_delay: config.drain_delay,
@@ -125,6 +157,11 @@ impl Application {
     /// The address actually bound (the real port when `--listen` said 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The metrics listener's address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// Serves until `shutdown` resolves, then: health NOT_SERVING at once,
@@ -156,8 +193,27 @@ impl Application {
             }
         };
 
+        let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = {
+            let (metrics, flow) = (self.metrics.clone(), self.flow.clone());
+            Arc::new(move || {
+                metrics.render(Sampled {
+                    queue_depth: flow.budget().queue_depth(),
+                    in_flight: flow.in_flight(),
+                    current_rate: flow.budget().current_rate(),
+                })
+            })
+        };
+        tokio::spawn(crate::metrics::serve_metrics(
+            self.metrics_listener,
+            render,
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ));
+
         set_health(&health, ServingStatus::Serving).await;
-        tracing::info!(addr = %self.local_addr, "serving session.v1.SessionService");
+        tracing::info!(addr = %self.local_addr, metrics_addr = %self.metrics_addr, "serving session.v1.SessionService");
         let server = Server::builder()
             // GOAWAY at this age makes clients reconnect, so connections
             // pinned to old pods behind a ClusterIP rebalance. No age *grace*:
@@ -166,6 +222,9 @@ impl Application {
             // PINGs find dead peers that TCP alone would not notice for hours.
             .http2_keepalive_interval(Some(lifecycle.keepalive_interval))
             .http2_keepalive_timeout(Some(lifecycle.keepalive_timeout))
+            // The RPC span (joined to the caller's trace), duration metric and
+            // access line; outermost, so it also sees what tonic refuses.
+            .layer(RpcTelemetryLayer::new(self.metrics.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -192,6 +251,7 @@ impl Application {
                 tracing::warn!(grace = ?grace, "shutdown grace ran out; closing remaining connections");
             }
         }
+        let _ = metrics_stop.send(());
         Ok(())
     }
 }

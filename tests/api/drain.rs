@@ -54,19 +54,24 @@ fn start_binary(endpoint: &str) -> (Child, SocketAddr) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("binary starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    // Read the log on a thread of its own (it also keeps the pipe drained),
+    // and give up, rather than hang, if no address shows up.
+    let stdout = child.stdout.take().expect("piped");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
     let addr = loop {
         let line = lines
-            .next()
-            .expect("a log line before exit")
-            .expect("readable");
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the binary logs its address within 60 s");
         let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-        if let Some(addr) = log["fields"]["addr"].as_str() {
+        if let Some(addr) = log["addr"].as_str() {
             break addr.parse().expect("socket address");
         }
     };
-    // Keep reading so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
     (child, addr)
 }
 

@@ -30,6 +30,7 @@ fn init_test_logging() {
                 LogFormat::Text,
                 "debug",
                 std::io::stdout,
+                None,
             ));
         }
     });
@@ -49,6 +50,8 @@ pub(crate) fn test_config(endpoint: &str) -> Config {
         "5s",
         "--drain-delay",
         "0s",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ])
     .expect("test flags parse")
 }

@@ -1,0 +1,249 @@
+//! Prometheus metrics and the admin listener that serves them at
+//! `GET /metrics`. Gauges that other parts own (queue depth, calls in flight,
+//! current rate) are read at scrape time rather than mirrored.
+//!
+//! The listener is a few lines of hyper on purpose: one path, no routing
+//! framework needed.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+
+/// Latency buckets in seconds: sub-millisecond refusals up to slow Cognito.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Every metric the service exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `session_rpc_duration_seconds{method, code}`.
+    pub rpc_duration: HistogramVec,
+    /// `session_cognito_request_duration_seconds{outcome}`, one per attempt.
+    pub upstream_duration: HistogramVec,
+    /// `session_cognito_requests_total{outcome}`, one per attempt.
+    pub upstream_requests: IntCounterVec,
+    /// `session_rate_limit_rejections_total{reason}`.
+    pub rejections: IntCounterVec,
+    /// `session_rate_limit_permit_wait_seconds`.
+    pub permit_wait: Histogram,
+    queue_depth: IntGauge,
+    in_flight: IntGauge,
+    current_rate: Gauge,
+}
+
+/// Values sampled at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampled {
+    /// Requests waiting for a permit.
+    pub queue_depth: usize,
+    /// Cognito calls under way.
+    pub in_flight: usize,
+    /// The budget's rate now (below the configured one after throttling).
+    pub current_rate: f64,
+}
+
+impl Metrics {
+    /// Registers every metric in a registry of its own.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            let metric = HistogramVec::new(opts, labels).expect("valid histogram");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique name");
+            metric
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique name");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid gauge");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique name");
+            metric
+        };
+        let rpc_duration = histogram(
+            "session_rpc_duration_seconds",
+            "Duration of API calls, by method and gRPC code.",
+            &["method", "code"],
+        );
+        let upstream_duration = histogram(
+            "session_cognito_request_duration_seconds",
+            "Duration of each AdminUserGlobalSignOut attempt, by outcome (OK or Cognito error).",
+            &["outcome"],
+        );
+        let upstream_requests = counter(
+            "session_cognito_requests_total",
+            "AdminUserGlobalSignOut attempts, by outcome (OK or Cognito error).",
+            &["outcome"],
+        );
+        let rejections = counter(
+            "session_rate_limit_rejections_total",
+            "Requests refused by the limits, by ErrorInfo reason.",
+            &["reason"],
+        );
+        let permit_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "session_rate_limit_permit_wait_seconds",
+                "Time a sign-out waited for its first rate-limit permit.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &[],
+        )
+        .expect("valid histogram")
+        .with_label_values::<&str>(&[]);
+        registry
+            .register(Box::new(permit_wait.clone()))
+            .expect("unique name");
+        let queue_depth = gauge(
+            "session_rate_limit_queue_depth",
+            "Requests waiting for a rate-limit permit.",
+        );
+        let in_flight = gauge("session_cognito_in_flight", "Cognito calls under way.");
+        let current_rate = Gauge::new(
+            "session_rate_limit_rate_per_second",
+            "The Cognito budget's current rate (lower than configured after throttling).",
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(current_rate.clone()))
+            .expect("unique name");
+        let build_info = IntGaugeVec::new(
+            Opts::new("session_build_info", "Always 1; the labels name the build."),
+            &["version"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique name");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Self {
+            registry,
+            rpc_duration,
+            upstream_duration,
+            upstream_requests,
+            rejections,
+            permit_wait,
+            queue_depth,
+            in_flight,
+            current_rate,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric, gauges sampled now.
+    pub fn render(&self, sampled: Sampled) -> String {
+        self.queue_depth
+            .set(i64::try_from(sampled.queue_depth).unwrap_or(i64::MAX));
+        self.in_flight
+            .set(i64::try_from(sampled.in_flight).unwrap_or(i64::MAX));
+        self.current_rate.set(sampled.current_rate);
+        let mut text = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut text);
+        String::from_utf8(text).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve_metrics<F>(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: F,
+) where
+    F: Future<Output = ()>,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let render = render.clone();
+                async move { Ok::<_, Infallible>(respond(&request, &*render)) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond<B>(
+    request: &Request<B>,
+    render: &(dyn Fn() -> String + Send + Sync),
+) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => (200, "text/plain; version=0.0.4", render()),
+        (_, "/metrics") => (405, "text/plain", "only GET\n".to_owned()),
+        _ => (404, "text/plain", "try /metrics\n".to_owned()),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::from(body))
+        .unwrap_or_default()
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exported_with_sampled_gauges() {
+        let metrics = Metrics::new();
+        metrics
+            .rejections
+            .with_label_values(&["RATE_LIMITED"])
+            .inc();
+        let text = metrics.render(Sampled {
+            queue_depth: 3,
+            in_flight: 2,
+            current_rate: 10.0,
+        });
+        for line in [
+            "session_rate_limit_rejections_total{reason=\"RATE_LIMITED\"} 1",
+            "session_rate_limit_queue_depth 3",
+            "session_cognito_in_flight 2",
+            "session_rate_limit_rate_per_second 10",
+            "session_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}

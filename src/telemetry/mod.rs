@@ -1,0 +1,107 @@
+//! The one place that builds the process's tracing subscriber: a
+//! `RUST_LOG`-style filter, JSON or text logs, and an OpenTelemetry layer when
+//! an OTLP endpoint is configured through the standard `OTEL_*` variables.
+
+mod rpc_layer;
+mod user_hash;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{ExporterBuildError, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+use tracing::Subscriber;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::filter_fn, fmt::MakeWriter, layer::SubscriberExt,
+};
+
+pub use rpc_layer::{AccessNote, RpcTelemetryLayer, code_name};
+pub use user_hash::UserHasher;
+
+use crate::config::LogFormat;
+
+const SERVICE_NAME: &str = env!("CARGO_PKG_NAME");
+const SERVICE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The OTLP endpoint the standard variables name, if any: the traces-specific
+/// one first, as the OpenTelemetry specification orders them.
+pub fn otlp_endpoint_from_env() -> Option<String> {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
+}
+
+/// A tracer provider exporting over OTLP/gRPC to `endpoint`, batching on a
+/// thread of its own. Resource: service name and version from the package,
+/// overridable by `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`; the
+/// sampler from `OTEL_TRACES_SAMPLER`/`_ARG` (the SDK reads those itself).
+/// Must be called inside the tokio runtime (the exporter's channel lives there).
+pub fn tracer_provider(endpoint: &str) -> Result<SdkTracerProvider, ExporterBuildError> {
+    let exporter = SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()?;
+    // The default builder has already read OTEL_SERVICE_NAME and
+    // OTEL_RESOURCE_ATTRIBUTES; our package name only fills in when they
+    // name no service.
+    let env_names_service = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
+    let mut resource = Resource::builder().with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        SERVICE_VERSION,
+    ));
+    if !env_names_service {
+        resource = resource.with_service_name(SERVICE_NAME);
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// The subscriber: logs to `sink`, filtered by `RUST_LOG` (else
+/// `default_filter`), and spans to OpenTelemetry when `tracing` is given.
+pub fn subscriber<W>(
+    format: LogFormat,
+    default_filter: &str,
+    sink: W,
+    tracing: Option<&SdkTracerProvider>,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let logs = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(sink)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(sink).boxed(),
+    };
+    // Only our own spans go to the collector: h2, hyper, tonic and the SDK
+    // would otherwise trace the exporter's own traffic.
+    let otel = tracing.map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(SERVICE_NAME))
+            .with_filter(filter_fn(|meta| {
+                meta.target().starts_with("session_service")
+            }))
+    });
+    Box::new(
+        tracing_subscriber::registry()
+            .with(otel)
+            .with(logs.with_filter(filter)),
+    )
+}
+
+/// Installs `subscriber` for the whole process; call once, at start.
+pub fn init(subscriber: Box<dyn Subscriber + Send + Sync>) {
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        tracing::warn!("a global tracing subscriber was already installed");
+    }
+}

@@ -1,0 +1,306 @@
+//! The server side of every API call, as a tower layer over the HTTP request
+//! (the only place the caller's `traceparent` can become the parent before
+//! the span is entered): the RPC span, the RPC duration metric, and one
+//! access line. Health and reflection calls pass through untouched.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use opentelemetry::{
+    propagation::{Extractor, TextMapCompositePropagator, TextMapPropagator},
+    trace::TraceContextExt,
+};
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::{Instrument, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::metrics::Metrics;
+
+/// Path prefix of our own API; everything else (health, reflection) is
+/// infrastructure and not traced or access-logged.
+const API_PREFIX: &str = "/session.v1.";
+
+/// What the handler learns about a call, for the access line.
+#[derive(Debug, Clone, Default)]
+pub struct AccessNote(Arc<Mutex<AccessFields>>);
+
+#[derive(Debug, Default)]
+struct AccessFields {
+    caller: Option<String>,
+    user_pool_id: Option<String>,
+    user_hash: Option<String>,
+    username: Option<String>,
+}
+
+impl AccessNote {
+    /// The caller, once identified.
+    pub fn caller(&self, caller: &str) {
+        self.fields().caller = Some(caller.to_owned());
+    }
+
+    /// The pool and user, once validated. `username` only when the operator
+    /// opted in to logging usernames.
+    pub fn target(&self, user_pool_id: &str, user_hash: String, username: Option<&str>) {
+        let mut fields = self.fields();
+        fields.user_pool_id = Some(user_pool_id.to_owned());
+        fields.user_hash = Some(user_hash);
+        fields.username = username.map(str::to_owned);
+    }
+
+    fn fields(&self) -> std::sync::MutexGuard<'_, AccessFields> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Adds [`RpcTelemetry`] around the server's routes.
+#[derive(Debug, Clone)]
+pub struct RpcTelemetryLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RpcTelemetryLayer {
+    /// Records RPC durations into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RpcTelemetryLayer {
+    type Service = RpcTelemetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcTelemetry {
+            inner,
+            metrics: self.metrics.clone(),
+            propagator: Arc::new(TextMapCompositePropagator::new(vec![
+                Box::new(TraceContextPropagator::new()),
+                Box::new(BaggagePropagator::new()),
+            ])),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct RpcTelemetry<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    propagator: Arc<TextMapCompositePropagator>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, RB> Service<http::Request<B>> for RpcTelemetry<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone is not ready; the instance that was polled ready is.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let path = request.uri().path().to_owned();
+        let Some((service, method)) = api_method(&path) else {
+            return Box::pin(inner.call(request));
+        };
+        let parent = self.propagator.extract(&HeaderExtractor(request.headers()));
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %&path[1..],
+            otel.kind = "server",
+            otel.status_code = Empty,
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = Empty,
+            caller.id = Empty,
+        );
+        // Before the span is entered, or the parent is silently ignored.
+        let _ = span.set_parent(parent.clone());
+        let note = AccessNote::default();
+        request.extensions_mut().insert(note.clone());
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let method = method.to_owned();
+        let call = inner.call(request);
+        Box::pin(
+            async move {
+                let response = call.await;
+                let code = match &response {
+                    Ok(response) => grpc_status(response.headers()),
+                    Err(_) => Code::Unknown,
+                };
+                let span = tracing::Span::current();
+                span.record("rpc.grpc.status_code", code as i32);
+                if is_server_fault(code) {
+                    span.record("otel.status_code", "ERROR");
+                }
+                let elapsed = started.elapsed();
+                metrics
+                    .rpc_duration
+                    .with_label_values(&[method.as_str(), code_name(code)])
+                    .observe(elapsed.as_secs_f64());
+                let trace_id = [span.context(), parent]
+                    .iter()
+                    .map(|cx| cx.span().span_context().clone())
+                    .find(|sc| sc.is_valid())
+                    .map(|sc| sc.trace_id().to_string())
+                    .unwrap_or_default();
+                access_line(
+                    &method,
+                    code,
+                    elapsed.as_secs_f64() * 1000.0,
+                    &trace_id,
+                    &note,
+                );
+                response
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// `(service, method)` of a call to our API.
+fn api_method(path: &str) -> Option<(&str, &str)> {
+    path.strip_prefix('/')
+        .filter(|_| path.starts_with(API_PREFIX))?
+        .split_once('/')
+}
+
+/// A unary error is "trailers-only": its status is in the headers. A
+/// response without one is a success whose status follows in the trailers.
+fn grpc_status(headers: &http::HeaderMap) -> Code {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
+/// Failures that are the server's or Cognito's, not the caller's.
+fn is_server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Internal
+            | Code::Unknown
+            | Code::DataLoss
+            | Code::Unavailable
+            | Code::DeadlineExceeded
+    )
+}
+
+/// One line per RPC: info for the caller's mistakes and refusals, warn for
+/// upstream trouble, error for our own faults.
+fn access_line(method: &str, code: Code, latency_ms: f64, trace_id: &str, note: &AccessNote) {
+    let fields = note.fields();
+    let caller = fields.caller.as_deref().unwrap_or("");
+    let pool = fields.user_pool_id.as_deref().unwrap_or("");
+    let user_hash = fields.user_hash.as_deref().unwrap_or("");
+    let code = code_name(code);
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "access",
+                method,
+                code,
+                latency_ms,
+                caller,
+                trace_id,
+                user_pool_id = pool,
+                user_hash,
+                username = fields.username.as_deref(),
+                "rpc"
+            )
+        };
+    }
+    match code {
+        "INTERNAL" | "UNKNOWN" | "DATA_LOSS" => line!(error),
+        "UNAVAILABLE" | "DEADLINE_EXCEEDED" => line!(warn),
+        _ => line!(info),
+    }
+}
+
+/// The canonical UPPER_SNAKE_CASE name of a gRPC code, for labels and logs.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Reads W3C trace context and baggage from HTTP/2 headers (gRPC metadata).
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_our_api_is_traced() {
+        assert_eq!(
+            api_method("/session.v1.SessionService/GlobalSignOut"),
+            Some(("session.v1.SessionService", "GlobalSignOut"))
+        );
+        assert_eq!(api_method("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            api_method("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_trailers_only_status_is_read_from_the_headers() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(grpc_status(&headers), Code::Ok);
+        headers.insert("grpc-status", http::HeaderValue::from_static("5"));
+        assert_eq!(grpc_status(&headers), Code::NotFound);
+    }
+
+    #[test]
+    fn code_names_are_the_canonical_ones() {
+        assert_eq!(code_name(Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+        assert_eq!(code_name(Code::from_i32(4)), "DEADLINE_EXCEEDED");
+    }
+}
