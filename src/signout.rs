@@ -231,7 +231,7 @@ impl SignOutFlow {
             let Ok(_slot) = self.inner.in_flight.clone().try_acquire_owned() else {
                 return Err(last_error.map_or(SignOutError::Overloaded, SignOutError::from));
             };
-            span.record("attempts", attempt);
+            span.record("attempts", i64::from(attempt));
             let started = Instant::now();
             let remaining = deadline.saturating_duration_since(started);
             let result = self

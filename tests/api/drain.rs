@@ -1,9 +1,8 @@
 //! Rollout behaviour of the real binary: SIGTERM under load loses nothing.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -15,63 +14,34 @@ use tonic_health::pb::{
 
 use crate::{
     fake_cognito::{FakeCognito, Reply},
-    helpers::{POOL, channel, wait_for_exit},
+    helpers::{POOL, channel, sigterm, spawn_binary, wait_for_exit},
 };
 
 const IN_FLIGHT: usize = 100;
 const DRAIN_DELAY: Duration = Duration::from_secs(2);
 const GRACE: Duration = Duration::from_secs(10);
 
-/// The binary, talking to `endpoint` with test credentials; returns it and
-/// the address it bound (read from its first log line).
+/// The binary against `endpoint`, sized so that only the drain matters.
 fn start_binary(endpoint: &str) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_session-service"))
-        .env_clear()
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "AKIDTESTTESTTESTTEST")
-        .env("AWS_SECRET_ACCESS_KEY", "test-secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .args([
-            "--listen",
-            "127.0.0.1:0",
+    let drain = format!("{}s", DRAIN_DELAY.as_secs());
+    let grace = format!("{}s", GRACE.as_secs());
+    let (child, addr, _logs) = spawn_binary(
+        &[
             "--cognito-endpoint",
             endpoint,
-            "--log-format",
-            "json",
-        ])
-        .args(["--drain-delay", &format!("{}s", DRAIN_DELAY.as_secs())])
-        .args(["--shutdown-grace", &format!("{}s", GRACE.as_secs())])
-        .args([
+            "--drain-delay",
+            &drain,
+            "--shutdown-grace",
+            &grace,
             "--rate-limit-rps",
             "10000",
             "--rate-limit-burst",
             "1000",
             "--max-in-flight",
             "1000",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("binary starts");
-    // Read the log on a thread of its own (it also keeps the pipe drained),
-    // and give up, rather than hang, if no address shows up.
-    let stdout = child.stdout.take().expect("piped");
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the binary logs its address within 60 s");
-        let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-        if let Some(addr) = log["addr"].as_str() {
-            break addr.parse().expect("socket address");
-        }
-    };
+        ],
+        &[],
+    );
     (child, addr)
 }
 
@@ -109,10 +79,7 @@ async fn sigterm_under_load_turns_not_serving_completes_every_call_and_exits_zer
     }
 
     let sigterm_at = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    assert!(kill.expect("kill runs").success());
+    sigterm(&child);
 
     let next = watch.next().await.expect("status change").expect("ok");
     let not_serving_after = sigterm_at.elapsed();

@@ -31,6 +31,8 @@ pub(crate) enum Reply {
     },
     /// The inner reply after a delay (a slow Cognito).
     Delayed(Duration, Box<Reply>),
+    /// UserNotFoundException for this username, `Ok` for any other.
+    UnknownUser(&'static str),
 }
 
 /// One request the fake received.
@@ -126,7 +128,23 @@ async fn handle(
         });
         recorded.len()
     };
+    let reply = match reply {
+        Reply::UnknownUser(unknown) if body_json(&recorded, number)["Username"] == unknown => {
+            Reply::AwsError {
+                status: 400,
+                code: "UserNotFoundException",
+            }
+        }
+        Reply::UnknownUser(_) => Reply::Ok,
+        other => other,
+    };
     Ok(respond(reply, number).await)
+}
+
+fn body_json(recorded: &Mutex<Vec<Recorded>>, number: usize) -> serde_json::Value {
+    recorded.lock().expect("not poisoned")[number - 1]
+        .body
+        .clone()
 }
 
 /// The request id of the `number`-th request (1-based) when it succeeds.
@@ -167,7 +185,7 @@ async fn respond(reply: Reply, number: usize) -> Response<Full<Bytes>> {
             .header("x-amzn-requestid", FAKE_REQUEST_ID)
             .header("content-type", content_type)
             .body(Full::from(body)),
-        Reply::Delayed(..) => unreachable!("unwrapped above"),
+        Reply::Delayed(..) | Reply::UnknownUser(_) => unreachable!("resolved above"),
     };
     response.expect("valid response")
 }

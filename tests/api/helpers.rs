@@ -77,6 +77,7 @@ pub(crate) fn sdk_config_with(credentials: SharedCredentialsProvider) -> SdkConf
 
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
+    pub(crate) metrics_addr: SocketAddr,
     pub(crate) client: SessionServiceClient<Channel>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
@@ -93,6 +94,7 @@ impl TestApp {
             .await
             .expect("application builds");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let (shutdown, stop) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -104,6 +106,7 @@ impl TestApp {
         let client = SessionServiceClient::new(channel(addr).await);
         Self {
             addr,
+            metrics_addr,
             client,
             shutdown: Some(shutdown),
             server: Some(server),
@@ -187,4 +190,63 @@ pub(crate) fn wait_for_exit(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The real binary, started with test AWS credentials, ports 0, JSON logs,
+/// `extra_args` and `extra_env` (set on the child only). Returns the child,
+/// its gRPC address and a channel of its log lines.
+pub(crate) fn spawn_binary(
+    extra_args: &[&str],
+    extra_env: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-service"))
+        .env_clear()
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "AKIDTESTTESTTESTTEST")
+        .env("AWS_SECRET_ACCESS_KEY", "test-secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .envs(extra_env.iter().copied())
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json"])
+        .args(extra_args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("binary starts");
+    // Read the log on a thread of its own (it also keeps the pipe drained),
+    // and give up, rather than hang, if no address shows up.
+    let stdout = child.stdout.take().expect("piped");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the binary logs its address within 60 s");
+        let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        if let Some(addr) = log["addr"].as_str() {
+            break addr.parse().expect("socket address");
+        }
+    };
+    (child, addr, lines)
+}
+
+/// Sends SIGTERM to `child`.
+pub(crate) fn sigterm(child: &std::process::Child) {
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(kill.expect("kill runs").success());
 }

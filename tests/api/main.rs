@@ -11,6 +11,7 @@ mod grpcurl;
 mod helpers;
 mod lifecycle;
 mod moto;
+mod observability;
 mod rate_limit;
 mod status_mapping;
 mod tools;
