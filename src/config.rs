@@ -163,6 +163,16 @@ pub struct Config {
     )]
     pub log_user_hash_key: Option<String>,
 
+    /// Like --log-user-hash-key, read from a file (a mounted Secret); a
+    /// trailing newline is ignored.
+    #[arg(
+        long,
+        env = "SESSION_LOG_USER_HASH_KEY_FILE",
+        value_name = "PATH",
+        conflicts_with = "log_user_hash_key"
+    )]
+    pub log_user_hash_key_file: Option<std::path::PathBuf>,
+
     /// Also write usernames themselves into access logs (personal data:
     /// explicit opt-in). Spans and metric labels never carry them.
     #[arg(long, env = "SESSION_LOG_USERNAMES")]

@@ -33,6 +33,14 @@ pub enum StartupError {
     /// The AWS chain gave no region, so there is no Cognito endpoint.
     #[error("no AWS region configured: set AWS_REGION (or a profile with a region)")]
     NoRegion,
+    /// The user-hash key file could not be read, or is empty.
+    #[error("--log-user-hash-key-file {path}: {reason}")]
+    HashKeyFile {
+        /// The file named by the flag.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The listen address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -50,20 +58,55 @@ impl StartupError {
     /// 64 (EX_USAGE) for configuration mistakes, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::NoRegion => 64,
+            Self::Config(_) | Self::NoRegion | Self::HashKeyFile { .. } => 64,
             Self::Bind { .. } | Self::Reflection(_) => 1,
         }
     }
 }
 
+/// What [`check`] derives from valid configuration.
+pub struct Checked {
+    /// Default and allowed pools.
+    pub pools: PoolPolicy,
+    /// The keyed hash for usernames in logs.
+    pub hasher: UserHasher,
+}
+
 /// Checks what can be checked without serving: flags that are only wrong
-/// together, and the region. Returns the pool policy they describe.
-pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<PoolPolicy, StartupError> {
+/// together, the region, the user-hash key file.
+pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, StartupError> {
     let pools = config.pool_policy()?;
     if sdk_config.region().is_none() {
         return Err(StartupError::NoRegion);
     }
-    Ok(pools)
+    Ok(Checked {
+        pools,
+        hasher: user_hasher(config)?,
+    })
+}
+
+fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
+    if let Some(path) = &config.log_user_hash_key_file {
+        let failed = |reason: String| StartupError::HashKeyFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let key = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
+        let key = key.strip_suffix(b"\n").unwrap_or(&key);
+        if key.is_empty() {
+            return Err(failed("the file is empty".into()));
+        }
+        return Ok(UserHasher::with_key(key));
+    }
+    Ok(match &config.log_user_hash_key {
+        Some(key) => UserHasher::with_key(key.as_bytes()),
+        None => {
+            tracing::warn!(
+                "no --log-user-hash-key: user hashes in logs match only within this process"
+            );
+            UserHasher::random()
+        }
+    })
 }
 
 /// A bound, ready-to-run server. Bind to port 0 and read [`Self::local_addr`]
@@ -93,7 +136,7 @@ impl Application {
     /// Validates the configuration, builds the Cognito client and binds the
     /// listener. Nothing is served until [`Self::run_until_stopped`].
     pub async fn build(config: &Config, sdk_config: &SdkConfig) -> Result<Self, StartupError> {
-        let pools = check(config, sdk_config)?;
+        let Checked { pools, hasher } = check(config, sdk_config)?;
         let cognito = Cognito::new(sdk_config, &config.upstream());
         let metrics = Arc::new(Metrics::new());
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
@@ -104,15 +147,6 @@ impl Application {
             config.retry(),
             metrics.clone(),
         );
-        let hasher = match &config.log_user_hash_key {
-            Some(key) => UserHasher::with_key(key.as_bytes()),
-            None => {
-                tracing::warn!(
-                    "no --log-user-hash-key: user hashes in logs match only within this process"
-                );
-                UserHasher::random()
-            }
-        };
         let bind_error = |source| StartupError::Bind {
             addr: config.listen,
             source,

@@ -80,6 +80,33 @@ fn check_config_validates_without_serving() {
 }
 
 #[test]
+fn a_missing_or_empty_hash_key_file_is_exit_code_64() {
+    let empty =
+        std::env::temp_dir().join(format!("session-service-empty-key-{}", std::process::id()));
+    std::fs::write(&empty, "\n").expect("write temp file");
+    let region = || {
+        let mut command = service();
+        command.env("AWS_REGION", "eu-west-1").arg("--check-config");
+        command
+    };
+
+    let missing = run(region().args(["--log-user-hash-key-file", "/nonexistent/key"]));
+    let blank = run(region().arg("--log-user-hash-key-file").arg(&empty));
+    let both = run(region().args(["--log-user-hash-key", "k", "--log-user-hash-key-file", "/x"]));
+    let _ = std::fs::remove_file(&empty);
+
+    for output in [&missing, &blank, &both] {
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(String::from_utf8_lossy(&blank.stderr).contains("empty"));
+}
+
+#[test]
 fn help_documents_an_environment_variable_for_every_flag() {
     let output = run(service().arg("--help"));
 
