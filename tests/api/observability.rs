@@ -475,3 +475,46 @@ async fn the_metrics_listener_answers_404_elsewhere() {
     .expect("read");
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
 }
+
+#[tokio::test]
+async fn usernames_reach_the_access_log_only_when_an_operator_opts_in() {
+    let fake = FakeCognito::start(Reply::Ok).await;
+    let endpoint = fake.endpoint();
+    let mut access_lines = Vec::new();
+    for opt_in in [false, true] {
+        let mut args = vec![
+            "--cognito-endpoint",
+            endpoint.as_str(),
+            "--drain-delay",
+            "0s",
+        ];
+        if opt_in {
+            args.push("--log-usernames");
+        }
+        let (mut child, addr, logs) = spawn_binary(&args, &[]);
+        let mut client = SessionServiceClient::new(channel(addr).await);
+        client
+            .global_sign_out(traced_request(SECRET_USERNAME))
+            .await
+            .expect("signed out");
+        sigterm(&child);
+        let status =
+            tokio::task::spawn_blocking(move || wait_for_exit(&mut child, Duration::from_secs(30)))
+                .await
+                .expect("wait task");
+        assert_eq!(status.code(), Some(0));
+        let access = logs
+            .try_iter()
+            .map(|line| serde_json::from_str::<serde_json::Value>(&line).expect("JSON"))
+            .find(|line| line["target"] == "access")
+            .expect("an access line");
+        access_lines.push(access);
+    }
+
+    assert_eq!(access_lines[0].get("username"), None, "{}", access_lines[0]);
+    assert_eq!(
+        access_lines[1]["username"], SECRET_USERNAME,
+        "{}",
+        access_lines[1]
+    );
+}
