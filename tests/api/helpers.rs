@@ -250,3 +250,11 @@ pub(crate) fn sigterm(child: &std::process::Child) {
         .status();
     assert!(kill.expect("kill runs").success());
 }
+
+/// SIGTERM, then the exit status (waited for off the async runtime).
+pub(crate) async fn terminate(mut child: std::process::Child) -> std::process::ExitStatus {
+    sigterm(&child);
+    tokio::task::spawn_blocking(move || wait_for_exit(&mut child, Duration::from_secs(30)))
+        .await
+        .expect("wait task")
+}

@@ -25,9 +25,7 @@ use tonic::{Code, Request};
 
 use crate::{
     fake_cognito::{FakeCognito, Reply},
-    helpers::{
-        POOL, SECRET_USERNAME, TestApp, channel, sigterm, spawn_binary, test_config, wait_for_exit,
-    },
+    helpers::{POOL, SECRET_USERNAME, TestApp, channel, spawn_binary, terminate, test_config},
 };
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -144,7 +142,7 @@ async fn spans_join_the_callers_trace_and_no_username_reaches_spans_or_logs() {
     let (collector, collector_addr) = Collector::start().await;
     let fake = FakeCognito::start(Reply::UnknownUser(GHOST_USERNAME)).await;
     let otlp = format!("http://{collector_addr}");
-    let (mut child, addr, logs) = spawn_binary(
+    let (child, addr, logs) = spawn_binary(
         &[
             "--cognito-endpoint",
             &fake.endpoint(),
@@ -163,11 +161,7 @@ async fn spans_join_the_callers_trace_and_no_username_reaches_spans_or_logs() {
         .await
         .expect("signed out");
     let missing = client.global_sign_out(traced_request(GHOST_USERNAME)).await;
-    sigterm(&child);
-    let status =
-        tokio::task::spawn_blocking(move || wait_for_exit(&mut child, Duration::from_secs(30)))
-            .await
-            .expect("wait task");
+    let status = terminate(child).await;
 
     assert_eq!(status.code(), Some(0));
     assert_eq!(missing.expect_err("unknown user").code(), Code::NotFound);
@@ -491,17 +485,13 @@ async fn usernames_reach_the_access_log_only_when_an_operator_opts_in() {
         if opt_in {
             args.push("--log-usernames");
         }
-        let (mut child, addr, logs) = spawn_binary(&args, &[]);
+        let (child, addr, logs) = spawn_binary(&args, &[]);
         let mut client = SessionServiceClient::new(channel(addr).await);
         client
             .global_sign_out(traced_request(SECRET_USERNAME))
             .await
             .expect("signed out");
-        sigterm(&child);
-        let status =
-            tokio::task::spawn_blocking(move || wait_for_exit(&mut child, Duration::from_secs(30)))
-                .await
-                .expect("wait task");
+        let status = terminate(child).await;
         assert_eq!(status.code(), Some(0));
         let access = logs
             .try_iter()
