@@ -5,7 +5,7 @@
 //! The listener is a few lines of hyper on purpose: one path, no routing
 //! framework needed.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
@@ -211,13 +211,6 @@ fn respond<B>(
         .header("content-type", content_type)
         .body(Full::from(body))
         .unwrap_or_default()
-}
-
-/// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
 }
 
 #[cfg(test)]

@@ -147,18 +147,8 @@ impl Application {
             config.retry(),
             metrics.clone(),
         );
-        let bind_error = |source| StartupError::Bind {
-            addr: config.listen,
-            source,
-        };
-        let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
-        let local_addr = listener.local_addr().map_err(bind_error)?;
-        let (metrics_listener, metrics_addr) = crate::metrics::bind(config.metrics_listen)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: config.metrics_listen,
-                source,
-            })?;
+        let (listener, local_addr) = bind(config.listen).await?;
+        let (metrics_listener, metrics_addr) = bind(config.metrics_listen).await?;
         Ok(Self {
             incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
             local_addr,
@@ -227,24 +217,8 @@ impl Application {
             }
         };
 
-        let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-        let render: Arc<dyn Fn() -> String + Send + Sync> = {
-            let (metrics, flow) = (self.metrics.clone(), self.flow.clone());
-            Arc::new(move || {
-                metrics.render(Sampled {
-                    queue_depth: flow.budget().queue_depth(),
-                    in_flight: flow.in_flight(),
-                    current_rate: flow.budget().current_rate(),
-                })
-            })
-        };
-        tokio::spawn(crate::metrics::serve_metrics(
-            self.metrics_listener,
-            render,
-            async {
-                let _ = metrics_stopped.await;
-            },
-        ));
+        let metrics_stop =
+            spawn_metrics_server(self.metrics_listener, self.metrics.clone(), self.flow);
 
         set_health(&health, ServingStatus::Serving).await;
         tracing::info!(addr = %self.local_addr, metrics_addr = %self.metrics_addr, "serving session.v1.SessionService");
@@ -288,6 +262,35 @@ impl Application {
         let _ = metrics_stop.send(());
         Ok(())
     }
+}
+
+/// Binds `addr`, returning the listener and the address actually bound.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let bind_error = |source| StartupError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
+}
+
+/// Serves /metrics until the returned sender is used (or dropped). It stays
+/// up through the drain so the last scrape sees the shutdown.
+fn spawn_metrics_server(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    flow: SignOutFlow,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+        metrics.render(Sampled {
+            queue_depth: flow.budget().queue_depth(),
+            in_flight: flow.in_flight(),
+            current_rate: flow.budget().current_rate(),
+        })
+    });
+    tokio::spawn(crate::metrics::serve_metrics(listener, render, async {
+        let _ = stopped.await;
+    }));
+    stop
 }
 
 /// The same status for the whole server (`""`) and for the API itself.
