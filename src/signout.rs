@@ -183,6 +183,8 @@ impl SignOutFlow {
         let outcome = match result {
             Ok(signed_out) => {
                 span.record("aws.request_id", signed_out.aws_request_id.as_str());
+                // A retry that succeeds clears an earlier attempt's ERROR.
+                span.record("otel.status_code", "OK");
                 "OK"
             }
             Err(error) => {
@@ -228,7 +230,7 @@ impl SignOutFlow {
         let mut attempt = 1;
         let mut last_error: Option<UpstreamError> = None;
         loop {
-            let Ok(_slot) = self.inner.in_flight.clone().try_acquire_owned() else {
+            let Ok(slot) = self.inner.in_flight.clone().try_acquire_owned() else {
                 return Err(last_error.map_or(SignOutError::Overloaded, SignOutError::from));
             };
             span.record("attempts", i64::from(attempt));
@@ -244,7 +246,8 @@ impl SignOutFlow {
                 Ok(signed_out) => return Ok(signed_out),
                 Err(error) => error,
             };
-            drop(_slot);
+            // Pausing and queueing for the next permit is not "in flight".
+            drop(slot);
             if error.kind == UpstreamErrorKind::Throttled {
                 self.inner.budget.on_throttled();
             }
