@@ -253,10 +253,7 @@ impl SignOutError {
     /// True for failures that are the service's or Cognito's fault rather
     /// than the caller's: they are logged at error level.
     pub fn is_server_fault(&self) -> bool {
-        matches!(
-            self.code(),
-            Code::Internal | Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
-        )
+        is_server_fault(self.code())
     }
 }
 
@@ -357,6 +354,19 @@ impl From<SignOutError> for Status {
         };
         Status::with_error_details(row.code, message, details)
     }
+}
+
+/// gRPC codes that are the server's or Cognito's fault, not the caller's:
+/// logged at warn/error and marked as span errors. The one list of them.
+pub fn is_server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Internal
+            | Code::Unknown
+            | Code::DataLoss
+            | Code::Unavailable
+            | Code::DeadlineExceeded
+    )
 }
 
 /// Displays an error with every `source()` below it, `: `-separated, for logs.

@@ -122,7 +122,7 @@ impl CallerLimits {
             .map_err(|retry_after| CallerRateLimited { retry_after })
     }
 
-    /// Callers currently tracked (for tests and metrics).
+    /// Callers currently tracked.
     pub fn tracked(&self) -> usize {
         self.table
             .lock()

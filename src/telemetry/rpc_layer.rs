@@ -21,7 +21,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::metrics::Metrics;
+use crate::{error::is_server_fault, metrics::Metrics};
 
 /// Path prefix of our own API; everything else (health, reflection) is
 /// infrastructure and not traced or access-logged.
@@ -194,18 +194,6 @@ fn grpc_status(headers: &http::HeaderMap) -> Code {
         .map_or(Code::Ok, Code::from_i32)
 }
 
-/// Failures that are the server's or Cognito's, not the caller's.
-fn is_server_fault(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Internal
-            | Code::Unknown
-            | Code::DataLoss
-            | Code::Unavailable
-            | Code::DeadlineExceeded
-    )
-}
-
 /// One line per RPC: info for the caller's mistakes and refusals, warn for
 /// upstream trouble, error for our own faults.
 fn access_line(method: &str, code: Code, latency_ms: f64, trace_id: &str, note: &AccessNote) {
@@ -213,13 +201,13 @@ fn access_line(method: &str, code: Code, latency_ms: f64, trace_id: &str, note: 
     let caller = fields.caller.as_deref().unwrap_or("");
     let pool = fields.user_pool_id.as_deref().unwrap_or("");
     let user_hash = fields.user_hash.as_deref().unwrap_or("");
-    let code = code_name(code);
+    let code_label = code_name(code);
     macro_rules! line {
         ($level:ident) => {
             tracing::$level!(
                 target: "access",
                 method,
-                code,
+                code = code_label,
                 latency_ms,
                 caller,
                 trace_id,
@@ -231,8 +219,8 @@ fn access_line(method: &str, code: Code, latency_ms: f64, trace_id: &str, note: 
         };
     }
     match code {
-        "INTERNAL" | "UNKNOWN" | "DATA_LOSS" => line!(error),
-        "UNAVAILABLE" | "DEADLINE_EXCEEDED" => line!(warn),
+        Code::Unavailable | Code::DeadlineExceeded => line!(warn),
+        code if is_server_fault(code) => line!(error),
         _ => line!(info),
     }
 }
