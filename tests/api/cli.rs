@@ -6,22 +6,11 @@ use std::{
     time::Duration,
 };
 
-use crate::helpers::wait_for_exit;
+use crate::helpers::{binary, sigterm, wait_for_exit};
 
-const BIN: &str = env!("CARGO_BIN_EXE_session-service");
-
-/// The binary with no inherited AWS or SESSION_ settings, and no way to
-/// reach instance metadata.
+/// The binary with the minimal test environment of [`binary`].
 fn service() -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", env!("CARGO_TARGET_TMPDIR"))
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
-    command
+    binary()
 }
 
 fn run(command: &mut Command) -> Output {
@@ -148,11 +137,7 @@ fn sigterm_drains_and_exits_zero() {
         assert!(read > 0, "exited before serving");
     }
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(kill.success());
+    sigterm(&child);
     let status = wait_for_exit(&mut child, Duration::from_secs(30));
 
     assert_eq!(status.code(), Some(0));

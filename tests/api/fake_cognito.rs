@@ -117,34 +117,29 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let asked_for_unknown =
+        matches!(reply, Reply::UnknownUser(unknown) if body["Username"] == unknown);
     let number = {
         let mut recorded = recorded.lock().expect("not poisoned");
         recorded.push(Recorded {
             target,
             content_type,
             signed,
-            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            body,
             arrived,
         });
         recorded.len()
     };
     let reply = match reply {
-        Reply::UnknownUser(unknown) if body_json(&recorded, number)["Username"] == unknown => {
-            Reply::AwsError {
-                status: 400,
-                code: "UserNotFoundException",
-            }
-        }
+        Reply::UnknownUser(_) if asked_for_unknown => Reply::AwsError {
+            status: 400,
+            code: "UserNotFoundException",
+        },
         Reply::UnknownUser(_) => Reply::Ok,
         other => other,
     };
     Ok(respond(reply, number).await)
-}
-
-fn body_json(recorded: &Mutex<Vec<Recorded>>, number: usize) -> serde_json::Value {
-    recorded.lock().expect("not poisoned")[number - 1]
-        .body
-        .clone()
 }
 
 /// The request id of the `number`-th request (1-based) when it succeeds.

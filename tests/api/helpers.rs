@@ -192,6 +192,21 @@ pub(crate) fn wait_for_exit(
     }
 }
 
+/// The real binary with an explicit, minimal environment: no inherited AWS
+/// or SESSION_ settings, no AWS profile files, no instance metadata. The test
+/// process's own environment is never changed.
+pub(crate) fn binary() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_session-service"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    command
+}
+
 /// The real binary, started with test AWS credentials, ports 0, JSON logs,
 /// `extra_args` and `extra_env` (set on the child only). Returns the child,
 /// its gRPC address and a channel of its log lines.
@@ -204,12 +219,10 @@ pub(crate) fn spawn_binary(
     std::sync::mpsc::Receiver<String>,
 ) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-service"))
-        .env_clear()
+    let mut child = binary()
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "AKIDTESTTESTTESTTEST")
         .env("AWS_SECRET_ACCESS_KEY", "test-secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("NO_PROXY", "127.0.0.1,localhost")
         .envs(extra_env.iter().copied())
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
