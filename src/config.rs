@@ -1,9 +1,12 @@
 //! Command-line and environment configuration. Every flag has an environment
 //! variable; `--help` lists both. Values are validated here, once, at start.
 
+mod security;
+
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
+pub use security::SecurityConfig;
 
 use crate::{
     cognito::UpstreamSettings,
@@ -25,6 +28,10 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "SESSION_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+
+    /// TLS, identity, authorization and connection bounds.
+    #[command(flatten)]
+    pub security: SecurityConfig,
 
     /// User pool used when a request leaves user_pool_id empty. Without it,
     /// such requests fail with INVALID_ARGUMENT.

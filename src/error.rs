@@ -8,7 +8,9 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
+    authz::Denied,
     domain::InvalidField,
+    identity::IdentityError,
     limiter::{CallerRateLimited, RateLimitCause, RateLimited},
 };
 
@@ -34,6 +36,12 @@ pub enum SignOutError {
     /// The pool is outside the configured allow list.
     #[error("user pool is not in the allowed list")]
     UserPoolNotAllowed,
+    /// The caller's certificate or forwarded identity is unusable.
+    #[error(transparent)]
+    CallerIdentity(#[from] IdentityError),
+    /// The authorization policy refused the caller or the pool.
+    #[error(transparent)]
+    Unauthorized(#[from] Denied),
     /// This caller is over its own rate.
     #[error(transparent)]
     CallerRateLimited(#[from] CallerRateLimited),
@@ -288,6 +296,33 @@ fn status_parts(error: &SignOutError) -> (StatusRow, ErrorDetails, HashMap<Strin
                 Code::PermissionDenied,
                 "USER_POOL_NOT_ALLOWED",
                 "this service may not act on that user pool",
+                false,
+            ),
+            ErrorDetails::new(),
+        ),
+        SignOutError::CallerIdentity(_) => (
+            row(
+                Code::Unauthenticated,
+                "CALLER_IDENTITY_INVALID",
+                "the caller's certificate identity is unusable",
+                false,
+            ),
+            ErrorDetails::new(),
+        ),
+        SignOutError::Unauthorized(Denied::CallerNotAllowed) => (
+            row(
+                Code::PermissionDenied,
+                "CALLER_NOT_ALLOWED",
+                "this caller may not sign users out",
+                false,
+            ),
+            ErrorDetails::new(),
+        ),
+        SignOutError::Unauthorized(Denied::PoolNotAllowedForCaller) => (
+            row(
+                Code::PermissionDenied,
+                "POOL_NOT_ALLOWED_FOR_CALLER",
+                "this caller may not act on that user pool",
                 false,
             ),
             ErrorDetails::new(),

@@ -5,19 +5,26 @@
 //! [`service`] (handler) → [`domain`] (validation) → [`pools`] (which pool) →
 //! [`limiter`] (per-caller limits) → [`signout`] (coalescing, shared budget,
 //! retries) → [`cognito`] (the SDK call) → [`error`] (the status table).
+//! Who is calling: [`incoming`] (TLS), [`identity`] (verified caller),
+//! [`authz`] (the policy); [`reload`] keeps certificates and policy current.
 
+pub mod authz;
 pub mod cognito;
 pub mod config;
 pub mod deadline;
 pub mod domain;
 pub mod error;
+pub mod identity;
+pub mod incoming;
 pub mod limiter;
 pub mod metrics;
 pub mod pools;
+pub mod reload;
 pub mod service;
 pub mod signout;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;
 
 /// Code generated from `proto/session/v1/session.proto`.
 #[allow(clippy::all, clippy::pedantic, unreachable_pub)]

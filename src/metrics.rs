@@ -35,6 +35,10 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     /// `session_rate_limit_permit_wait_seconds`.
     pub permit_wait: Histogram,
+    /// `session_authz_denials_total{reason}`.
+    pub authz_denials: IntCounterVec,
+    /// `session_config_reloads_total{kind, result}`.
+    pub config_reloads: IntCounterVec,
     queue_depth: IntGauge,
     in_flight: IntGauge,
     current_rate: Gauge,
@@ -97,6 +101,16 @@ impl Metrics {
             "Requests refused by the limits, by ErrorInfo reason.",
             &["reason"],
         );
+        let authz_denials = counter(
+            "session_authz_denials_total",
+            "Requests refused by the authorization policy, by ErrorInfo reason.",
+            &["reason"],
+        );
+        let config_reloads = counter(
+            "session_config_reloads_total",
+            "Files reloaded after a change on disk, by kind (tls, authz_policy) and result.",
+            &["kind", "result"],
+        );
         let permit_wait = HistogramVec::new(
             HistogramOpts::new(
                 "session_rate_limit_permit_wait_seconds",
@@ -141,6 +155,8 @@ impl Metrics {
             upstream_requests,
             rejections,
             permit_wait,
+            authz_denials,
+            config_reloads,
             queue_depth,
             in_flight,
             current_rate,

@@ -7,10 +7,13 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
+    authz::{CurrentPolicy, Denied},
     cognito::SignedOut,
     deadline,
     domain::{InvalidField, SignOutRequest},
     error::{ErrorChain, SignOutError},
+    identity::{self, IdentitySource},
+    incoming::PeerInfo,
     limiter::{CallerId, CallerLimits},
     metrics::Metrics,
     pools::PoolPolicy,
@@ -29,13 +32,33 @@ pub struct UserLogging {
     pub log_usernames: bool,
 }
 
+/// How callers are identified and what they may do.
+#[derive(Debug, Clone)]
+pub struct CallerPolicy {
+    /// Metadata key of the self-declared caller id (used when no verified
+    /// identity exists).
+    pub caller_id_header: String,
+    /// Believe `x-forwarded-client-cert` (a sidecar in front).
+    pub trust_forwarded_client_cert: bool,
+    /// The authorization policy; `None` lets every caller act on every
+    /// allowed pool.
+    pub authz: Option<Arc<CurrentPolicy>>,
+}
+
+/// A caller as the handler knows it.
+struct Caller {
+    id: CallerId,
+    /// `None` when the id is self-declared (header) or anonymous.
+    verified: Option<IdentitySource>,
+}
+
 /// `session.v1.SessionService`.
 #[derive(Debug, Clone)]
 pub struct SessionApi {
     flow: SignOutFlow,
     pools: PoolPolicy,
     callers: Arc<CallerLimits>,
-    caller_id_header: String,
+    caller_policy: CallerPolicy,
     upstream_timeout: Duration,
     users: UserLogging,
     metrics: Arc<Metrics>,
@@ -43,13 +66,13 @@ pub struct SessionApi {
 
 impl SessionApi {
     /// `upstream_timeout` bounds a sign-out when the caller sets no shorter
-    /// deadline; `caller_id_header` is the metadata key naming the caller.
+    /// deadline.
     #[allow(clippy::too_many_arguments)] // one call site: startup
     pub fn new(
         flow: SignOutFlow,
         pools: PoolPolicy,
         callers: CallerLimits,
-        caller_id_header: String,
+        caller_policy: CallerPolicy,
         upstream_timeout: Duration,
         users: UserLogging,
         metrics: Arc<Metrics>,
@@ -58,7 +81,7 @@ impl SessionApi {
             flow,
             pools,
             callers: Arc::new(callers),
-            caller_id_header,
+            caller_policy,
             upstream_timeout,
             users,
             metrics,
@@ -68,15 +91,34 @@ impl SessionApi {
     async fn sign_out(
         &self,
         metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
         request: GlobalSignOutRequest,
         note: &AccessNote,
     ) -> Result<SignedOut, SignOutError> {
         let received = Instant::now();
-        let caller = self.caller_id(metadata)?;
+        let Caller {
+            id: caller,
+            verified,
+        } = self.caller(metadata, peer)?;
         note.caller(caller.as_str());
-        tracing::Span::current().record("caller.id", caller.as_str());
+        let span = tracing::Span::current();
+        span.record("caller.id", caller.as_str());
+        span.record("caller.verified", verified.is_some());
+        let policy = self.caller_policy.authz.as_ref().map(|authz| authz.get());
+        let verified_id = verified.is_some().then_some(&caller);
+        // Unknown callers learn nothing, not even whether their request was valid.
+        if let Some(policy) = &policy {
+            policy
+                .knows(verified_id)
+                .map_err(|denied| audit_denial(&caller, None, denied))?;
+        }
         let request = SignOutRequest::try_from(request)?;
         let pool = self.pools.resolve(request.user_pool_id)?;
+        if let Some(policy) = &policy {
+            policy
+                .authorize(verified_id, &pool)
+                .map_err(|denied| audit_denial(&caller, Some(pool.as_str()), denied))?;
+        }
         let user_hash = self.users.hasher.hash(&request.username);
         let username = self.users.log_usernames.then(|| request.username.expose());
         note.target(pool.as_str(), user_hash.clone(), username);
@@ -87,12 +129,32 @@ impl SessionApi {
             .flow
             .sign_out(pool.clone(), request.username, received + budget)
             .await;
-        audit(&caller, pool.as_str(), &user_hash, &result);
+        audit(&caller, verified, pool.as_str(), &user_hash, &result);
         result
     }
 
-    fn caller_id(&self, metadata: &MetadataMap) -> Result<CallerId, InvalidField> {
-        match metadata.get(self.caller_id_header.as_str()) {
+    /// The verified identity if there is one; else the caller-id header,
+    /// which is then only a label for limits and logs, never authorization.
+    fn caller(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Caller, SignOutError> {
+        let trust_xfcc = self.caller_policy.trust_forwarded_client_cert;
+        if let Some(verified) = identity::verified_caller(peer, metadata, trust_xfcc)? {
+            return Ok(Caller {
+                id: verified.id,
+                verified: Some(verified.source),
+            });
+        }
+        Ok(Caller {
+            id: self.declared_caller(metadata)?,
+            verified: None,
+        })
+    }
+
+    fn declared_caller(&self, metadata: &MetadataMap) -> Result<CallerId, InvalidField> {
+        match metadata.get(self.caller_policy.caller_id_header.as_str()) {
             None => Ok(CallerId::anonymous()),
             Some(value) => value
                 .to_str()
@@ -111,7 +173,8 @@ impl SessionService for SessionApi {
         let (metadata, extensions, message) = request.into_parts();
         // Present when the RPC telemetry layer is in front (always, in the server).
         let note = extensions.get::<AccessNote>().cloned().unwrap_or_default();
-        match self.sign_out(&metadata, message, &note).await {
+        let peer = extensions.get::<PeerInfo>();
+        match self.sign_out(&metadata, peer, message, &note).await {
             Ok(signed_out) => Ok(Response::new(GlobalSignOutResponse {
                 aws_request_id: signed_out.aws_request_id,
                 signed_out_at: Some(signed_out.at.into()),
@@ -128,6 +191,12 @@ impl SessionService for SessionApi {
                         .with_label_values(&[error.reason()])
                         .inc();
                 }
+                if matches!(error, SignOutError::Unauthorized(_)) {
+                    self.metrics
+                        .authz_denials
+                        .with_label_values(&[error.reason()])
+                        .inc();
+                }
                 log_failure(&error);
                 Err(error.into())
             }
@@ -139,6 +208,7 @@ impl SessionService for SessionApi {
 /// Cognito (coalesced callers each get one, with the shared request id).
 fn audit(
     caller: &CallerId,
+    verified: Option<IdentitySource>,
     user_pool_id: &str,
     user_hash: &str,
     result: &Result<SignedOut, SignOutError>,
@@ -153,12 +223,28 @@ fn audit(
     tracing::info!(
         target: "audit",
         caller = caller.as_str(),
+        caller_verified_by = verified.map_or("none", IdentitySource::as_str),
         user_pool_id,
         user_hash,
         outcome,
         aws_request_id,
         "global sign-out"
     );
+}
+
+/// Refusals by the policy are security events: the audit log names who
+/// tried, whatever their log level settings for the access line.
+fn audit_denial(caller: &CallerId, user_pool_id: Option<&str>, denied: Denied) -> SignOutError {
+    let error = SignOutError::from(denied);
+    tracing::warn!(
+        target: "audit",
+        caller = caller.as_str(),
+        user_pool_id,
+        outcome = "denied",
+        reason = error.reason(),
+        "global sign-out denied by the authorization policy"
+    );
+    error
 }
 
 /// The access line has the code; this adds the cause chain, which holds the

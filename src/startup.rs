@@ -1,24 +1,32 @@
 //! Assembles the gRPC server (the API, health, reflection) and runs it until
 //! a shutdown signal, draining in-flight calls within a bounded grace.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use aws_config::SdkConfig;
 use tokio::net::TcpListener;
-use tonic::{server::NamedService, transport::Server, transport::server::TcpIncoming};
+use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    authz::{CurrentPolicy, Policy},
     cognito::Cognito,
-    config::Config,
+    config::{Config, SecurityConfig},
+    incoming,
     limiter::{CallerLimits, UpstreamBudget},
     metrics::{Metrics, Sampled},
     pools::{DefaultPoolNotAllowed, PoolPolicy},
     proto::{self, session_service_server::SessionServiceServer},
-    service::{SessionApi, UserLogging},
+    reload::{self, Watched},
+    service::{CallerPolicy, SessionApi, UserLogging},
     signout::SignOutFlow,
     telemetry::{RpcTelemetryLayer, UserHasher},
+    tls::{self, CurrentTlsConfig, TlsFiles},
 };
+
+/// HTTP/2 streams a client may open and reset before the server accepts
+/// them (hyper's default, stated so that it stays deliberate).
+const MAX_PENDING_RESET_STREAMS: usize = 20;
 
 /// Largest request the API decodes. A GlobalSignOutRequest is under 200 bytes;
 /// anything near this is hostile, and refusing it costs nothing.
@@ -41,6 +49,23 @@ pub enum StartupError {
         /// What went wrong.
         reason: String,
     },
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The authorization policy cannot be read or is invalid.
+    #[error("--authz-policy {path}: {reason}")]
+    Policy {
+        /// The file named by the flag.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A policy is set but no caller could ever be verified, so it would
+    /// refuse every call.
+    #[error(
+        "--authz-policy needs verified callers: set --tls-client-ca (mTLS) or --trust-forwarded-client-cert (a mesh sidecar)"
+    )]
+    PolicyWithoutIdentity,
     /// The listen address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -58,7 +83,12 @@ impl StartupError {
     /// 64 (EX_USAGE) for configuration mistakes, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::NoRegion | Self::HashKeyFile { .. } => 64,
+            Self::Config(_)
+            | Self::NoRegion
+            | Self::HashKeyFile { .. }
+            | Self::Tls(_)
+            | Self::Policy { .. }
+            | Self::PolicyWithoutIdentity => 64,
             Self::Bind { .. } | Self::Reflection(_) => 1,
         }
     }
@@ -70,19 +100,92 @@ pub struct Checked {
     pub pools: PoolPolicy,
     /// The keyed hash for usernames in logs.
     pub hasher: UserHasher,
+    /// TLS files, their contents and the configuration built from them.
+    pub tls: Option<Loaded<TlsFiles, Arc<rustls::ServerConfig>>>,
+    /// The policy file, its contents and the policy.
+    pub policy: Option<Loaded<PathBuf, Policy>>,
+}
+
+/// Something built from files, with the contents it was built from (the
+/// reloader's starting point).
+pub struct Loaded<Source, Value> {
+    /// Where it came from.
+    pub source: Source,
+    /// The files' contents at load time.
+    pub contents: Vec<Vec<u8>>,
+    /// What was built.
+    pub value: Value,
 }
 
 /// Checks what can be checked without serving: flags that are only wrong
-/// together, the region, the user-hash key file.
+/// together, the region, the user-hash key file, TLS files and the policy.
 pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, StartupError> {
     let pools = config.pool_policy()?;
     if sdk_config.region().is_none() {
         return Err(StartupError::NoRegion);
     }
+    let security = &config.security;
+    let tls = security.tls_files().map(load_tls).transpose()?;
+    let policy = security.authz_policy.clone().map(load_policy).transpose()?;
+    let verifies_callers = security.tls_client_ca.is_some() || security.trust_forwarded_client_cert;
+    if policy.is_some() && !verifies_callers {
+        return Err(StartupError::PolicyWithoutIdentity);
+    }
     Ok(Checked {
         pools,
         hasher: user_hasher(config)?,
+        tls,
+        policy,
     })
+}
+
+fn load_tls(files: TlsFiles) -> Result<Loaded<TlsFiles, Arc<rustls::ServerConfig>>, StartupError> {
+    let contents = reload::read_files(&files.paths()).map_err(StartupError::Tls)?;
+    let value = tls::server_config(&contents).map_err(StartupError::Tls)?;
+    Ok(Loaded {
+        source: files,
+        contents,
+        value,
+    })
+}
+
+fn load_policy(path: PathBuf) -> Result<Loaded<PathBuf, Policy>, StartupError> {
+    let failed = |reason: String| StartupError::Policy {
+        path: path.display().to_string(),
+        reason,
+    };
+    let contents = reload::read_files(std::slice::from_ref(&path)).map_err(failed)?;
+    let text = std::str::from_utf8(&contents[0]).map_err(|e| failed(e.to_string()))?;
+    let value = Policy::parse(&path, text).map_err(|e| failed(e.to_string()))?;
+    Ok(Loaded {
+        source: path,
+        contents,
+        value,
+    })
+}
+
+/// Says at start, once, what protects the API and what does not.
+fn log_security_posture(security: &SecurityConfig, checked: &Checked) {
+    let transport = match (&checked.tls, &security.tls_client_ca) {
+        (None, _) => "plaintext",
+        (Some(_), None) => "TLS",
+        (Some(_), Some(_)) => "mTLS",
+    };
+    match &checked.policy {
+        Some(policy) => tracing::info!(
+            transport,
+            trust_forwarded_client_cert = security.trust_forwarded_client_cert,
+            rules = policy.value.len(),
+            "authorization policy in force"
+        ),
+        None => tracing::warn!(
+            transport,
+            "no --authz-policy: every caller that reaches this port may sign out users of every allowed pool"
+        ),
+    }
+    if checked.policy.as_ref().is_some_and(|p| p.value.is_empty()) {
+        tracing::warn!("the authorization policy has no rules: every call is refused");
+    }
 }
 
 fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
@@ -112,8 +215,11 @@ fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
 /// A bound, ready-to-run server. Bind to port 0 and read [`Self::local_addr`]
 /// to run one per test.
 pub struct Application {
-    incoming: TcpIncoming,
+    listener: TcpListener,
     local_addr: SocketAddr,
+    health_listener: Option<(TcpListener, SocketAddr)>,
+    tls: Option<Arc<CurrentTlsConfig>>,
+    reloads: Vec<(Watched, Vec<Vec<u8>>)>,
     metrics_listener: TcpListener,
     metrics_addr: SocketAddr,
     metrics: Arc<Metrics>,
@@ -130,13 +236,38 @@ struct Lifecycle {
     max_connection_age: Duration,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
+    handshake_timeout: Duration,
+    max_concurrent_streams: u32,
+    max_header_list_size: u32,
+    reload_interval: Duration,
 }
 
 impl Application {
     /// Validates the configuration, builds the Cognito client and binds the
     /// listener. Nothing is served until [`Self::run_until_stopped`].
     pub async fn build(config: &Config, sdk_config: &SdkConfig) -> Result<Self, StartupError> {
-        let Checked { pools, hasher } = check(config, sdk_config)?;
+        let checked = check(config, sdk_config)?;
+        log_security_posture(&config.security, &checked);
+        let Checked {
+            pools,
+            hasher,
+            tls,
+            policy,
+        } = checked;
+        let mut reloads = Vec::new();
+        let tls = tls.map(|loaded| {
+            let current = Arc::new(CurrentTlsConfig::new(loaded.value));
+            reloads.push((tls_reload(loaded.source, current.clone()), loaded.contents));
+            current
+        });
+        let authz = policy.map(|loaded| {
+            let current = Arc::new(CurrentPolicy::new(loaded.value));
+            reloads.push((
+                policy_reload(loaded.source, current.clone()),
+                loaded.contents,
+            ));
+            current
+        });
         let cognito = Cognito::new(sdk_config, &config.upstream());
         let metrics = Arc::new(Metrics::new());
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
@@ -149,9 +280,17 @@ impl Application {
         );
         let (listener, local_addr) = bind(config.listen).await?;
         let (metrics_listener, metrics_addr) = bind(config.metrics_listen).await?;
+        let health_listener = match config.security.health_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let security = &config.security;
         Ok(Self {
-            incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
+            listener,
             local_addr,
+            health_listener,
+            tls,
+            reloads,
             metrics_listener,
             metrics_addr,
             metrics: metrics.clone(),
@@ -160,7 +299,11 @@ impl Application {
                 flow,
                 pools,
                 CallerLimits::new(config.callers()),
-                config.caller_id_header.clone(),
+                CallerPolicy {
+                    caller_id_header: config.caller_id_header.clone(),
+                    trust_forwarded_client_cert: security.trust_forwarded_client_cert,
+                    authz,
+                },
                 config.upstream_timeout,
                 UserLogging {
                     hasher,
@@ -174,6 +317,10 @@ impl Application {
                 max_connection_age: config.max_connection_age,
                 keepalive_interval: config.http2_keepalive_interval,
                 keepalive_timeout: config.http2_keepalive_timeout,
+                handshake_timeout: security.tls_handshake_timeout,
+                max_concurrent_streams: security.max_concurrent_streams,
+                max_header_list_size: security.max_header_list_size,
+                reload_interval: security.reload_interval,
             },
         })
     }
@@ -181,6 +328,11 @@ impl Application {
     /// The address actually bound (the real port when `--listen` said 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The plaintext health listener's address, when `--health-listen` is set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The metrics listener's address.
@@ -219,6 +371,21 @@ impl Application {
 
         let metrics_stop =
             spawn_metrics_server(self.metrics_listener, self.metrics.clone(), self.flow);
+        let health_stop = self
+            .health_listener
+            .map(|(listener, _)| spawn_health_server(listener, health_service.clone()));
+        let reloaders: Vec<_> = self
+            .reloads
+            .into_iter()
+            .map(|(watched, initial)| {
+                let metrics = self.metrics.clone();
+                let interval = lifecycle.reload_interval;
+                tokio::spawn(
+                    async move { reload::watch(watched, initial, interval, &metrics).await },
+                )
+            })
+            .collect();
+        let incoming = incoming::accept(self.listener, self.tls, lifecycle.handshake_timeout);
 
         set_health(&health, ServingStatus::Serving).await;
         tracing::info!(addr = %self.local_addr, metrics_addr = %self.metrics_addr, "serving session.v1.SessionService");
@@ -230,6 +397,12 @@ impl Application {
             // PINGs find dead peers that TCP alone would not notice for hours.
             .http2_keepalive_interval(Some(lifecycle.keepalive_interval))
             .http2_keepalive_timeout(Some(lifecycle.keepalive_timeout))
+            // Bounds on what one connection may cost: streams at once, header
+            // bytes per call, and (HTTP/2 rapid reset) streams a client may
+            // open and cancel before the server has accepted them.
+            .max_concurrent_streams(lifecycle.max_concurrent_streams)
+            .http2_max_header_list_size(lifecycle.max_header_list_size)
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
             // The RPC span (joined to the caller's trace), duration metric and
             // access line; outermost, so it also sees what tonic refuses.
             .layer(RpcTelemetryLayer::new(self.metrics.clone()))
@@ -237,7 +410,7 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(api)
-            .serve_with_incoming_shutdown(self.incoming, stop_accepting);
+            .serve_with_incoming_shutdown(incoming, stop_accepting);
 
         // tonic waits for every connection to close, with no limit: an idle
         // keep-alive client or a Health/Watch stream would hold us forever.
@@ -260,6 +433,12 @@ impl Application {
             }
         }
         let _ = metrics_stop.send(());
+        if let Some(stop) = health_stop {
+            let _ = stop.send(());
+        }
+        for reloader in reloaders {
+            reloader.abort();
+        }
         Ok(())
     }
 }
@@ -291,6 +470,53 @@ fn spawn_metrics_server(
         let _ = stopped.await;
     }));
     stop
+}
+
+/// Serves grpc.health.v1 alone, in plaintext, for kubelet probes (which
+/// cannot speak TLS), until the returned sender is used.
+fn spawn_health_server(
+    listener: TcpListener,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let incoming = incoming::accept(listener, None, Duration::ZERO);
+    tokio::spawn(
+        Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    stop
+}
+
+/// Reloads the TLS files into `current` when they change.
+fn tls_reload(files: TlsFiles, current: Arc<CurrentTlsConfig>) -> Watched {
+    Watched {
+        kind: "tls",
+        paths: files.paths(),
+        apply: Box::new(move |contents| {
+            current.set(tls::server_config(contents)?);
+            Ok(())
+        }),
+    }
+}
+
+/// Reloads the policy file into `current` when it changes.
+fn policy_reload(path: PathBuf, current: Arc<CurrentPolicy>) -> Watched {
+    Watched {
+        kind: "authz_policy",
+        paths: vec![path.clone()],
+        apply: Box::new(move |contents| {
+            let text = std::str::from_utf8(&contents[0]).map_err(|e| e.to_string())?;
+            let policy = Policy::parse(&path, text).map_err(|e| e.to_string())?;
+            tracing::info!(rules = policy.len(), "authorization policy replaced");
+            current.set(policy);
+            Ok(())
+        }),
+    }
 }
 
 /// The same status for the whole server (`""`) and for the API itself.

@@ -14,8 +14,12 @@ use tokio::time::Instant;
 use super::gcra::Gcra;
 use crate::domain::InvalidField;
 
-/// Longest caller id accepted; a SPIFFE id fits comfortably.
+/// Longest caller id accepted from the caller-id header.
 const CALLER_ID_MAX_CHARS: usize = 128;
+
+/// Longest identity accepted from a verified certificate (a SPIFFE id may be
+/// 2048 bytes in theory; real ones are far shorter).
+const VERIFIED_ID_MAX_BYTES: usize = 512;
 
 /// Who is calling, from a trusted identity or the caller-id header.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -35,6 +39,18 @@ impl CallerId {
             return Err(Self::INVALID);
         }
         Ok(Self(value.to_owned()))
+    }
+
+    /// An identity from a verified certificate: any text without control
+    /// characters, up to 512 bytes (a CN may hold spaces or non-ASCII).
+    pub fn verified(value: String) -> Result<Self, InvalidField> {
+        if value.is_empty()
+            || value.len() > VERIFIED_ID_MAX_BYTES
+            || value.chars().any(char::is_control)
+        {
+            return Err(Self::INVALID);
+        }
+        Ok(Self(value))
     }
 
     /// What a malformed caller id is told.

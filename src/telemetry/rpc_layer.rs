@@ -131,6 +131,7 @@ where
             rpc.method = %method,
             rpc.grpc.status_code = Empty,
             caller.id = Empty,
+            caller.verified = Empty,
         );
         // Before the span is entered, or the parent is silently ignored.
         let _ = span.set_parent(parent.clone());
@@ -249,11 +250,25 @@ pub fn code_name(code: Code) -> &'static str {
 }
 
 /// Reads W3C trace context and baggage from HTTP/2 headers (gRPC metadata).
+/// Values longer than the W3C limits are ignored before any parsing.
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+/// Longest value read per header: traceparent is 55 characters, tracestate
+/// 32 members of at most 256 (W3C caps it at 512 in practice), baggage 8192.
+fn max_trace_header_len(key: &str) -> usize {
+    match key {
+        "traceparent" => 64,
+        "tracestate" => 512,
+        _ => 8192,
+    }
+}
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        self.0
+            .get(key)
+            .filter(|v| v.len() <= max_trace_header_len(key))
+            .and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -284,6 +299,18 @@ mod tests {
         assert_eq!(grpc_status(&headers), Code::Ok);
         headers.insert("grpc-status", http::HeaderValue::from_static("5"));
         assert_eq!(grpc_status(&headers), Code::NotFound);
+    }
+
+    #[test]
+    fn oversized_trace_headers_are_ignored() {
+        let mut headers = http::HeaderMap::new();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert("traceparent", http::HeaderValue::from_static(parent));
+        let long = http::HeaderValue::from_str(&"k=v,".repeat(3000)).expect("ascii");
+        headers.insert("baggage", long);
+        let extractor = HeaderExtractor(&headers);
+        assert_eq!(extractor.get("traceparent"), Some(parent));
+        assert_eq!(extractor.get("baggage"), None);
     }
 
     #[test]

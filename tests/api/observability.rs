@@ -316,16 +316,7 @@ async fn spans_join_the_callers_trace_and_no_username_reaches_spans_or_logs() {
 // === metrics ===
 
 async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let body = crate::helpers::metrics_text(addr).await;
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .expect("Prometheus text")
 }

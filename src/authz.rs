@@ -1,0 +1,316 @@
+//! The authorization policy (`--authz-policy`): which verified callers may
+//! sign out users of which pools. Default-deny once configured; reloaded
+//! when the file changes, keeping the old policy if the new one is invalid.
+//!
+//! ```yaml
+//! rules:
+//!   - caller: spiffe://prod.example/ns/billing/sa/api   # exact
+//!     pools: [eu-west-1_AbCdEf123]
+//!   - caller: spiffe://prod.example/ns/support/*        # prefix
+//!     pools: ["*"]                                       # every allowed pool
+//! ```
+
+use std::{
+    path::Path,
+    sync::{Arc, PoisonError, RwLock},
+};
+
+use serde::Deserialize;
+
+use crate::{domain::UserPoolId, limiter::CallerId};
+
+/// A rule's `caller`: the identity, or a prefix when it ends in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CallerPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+/// A rule's `pools`: listed ids, or `*` for every pool the service allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pools {
+    Any,
+    Listed(Vec<UserPoolId>),
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    caller: CallerPattern,
+    pools: Pools,
+}
+
+/// A parsed, validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+/// Why the policy refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// No rule names this caller (or the caller is not verified).
+    #[error("the caller is not allowed by the authorization policy")]
+    CallerNotAllowed,
+    /// Rules name the caller, but none of them this pool.
+    #[error("the caller may not act on this user pool")]
+    PoolNotAllowedForCaller,
+}
+
+/// A policy file that cannot be used, with the place it went wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(String);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    rules: Vec<RuleFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    caller: String,
+    pools: Vec<String>,
+}
+
+impl Policy {
+    /// Parses a policy; `path` decides the format (`.toml`, `.yaml`, `.yml`).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, PolicyError> {
+        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let file: PolicyFile = match extension {
+            "toml" => toml::from_str(text).map_err(|e| PolicyError(e.to_string()))?,
+            "yaml" | "yml" => {
+                serde_yaml_ng::from_str(text).map_err(|e| PolicyError(e.to_string()))?
+            }
+            _ => {
+                return Err(PolicyError(
+                    "the file name must end in .toml, .yaml or .yml".into(),
+                ));
+            }
+        };
+        let rules = file
+            .rules
+            .into_iter()
+            .enumerate()
+            .map(|(index, rule)| {
+                Rule::parse(rule).map_err(|e| PolicyError(format!("rules[{index}]: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { rules })
+    }
+
+    /// Number of rules, for the startup log.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// True when the policy has no rules (and so denies every call).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Whether any rule names `caller` (verified, or `None`).
+    pub fn knows(&self, caller: Option<&CallerId>) -> Result<(), Denied> {
+        let caller = caller.ok_or(Denied::CallerNotAllowed)?;
+        if self
+            .rules
+            .iter()
+            .any(|rule| rule.caller.matches(caller.as_str()))
+        {
+            Ok(())
+        } else {
+            Err(Denied::CallerNotAllowed)
+        }
+    }
+
+    /// Whether `caller` (verified, or `None`) may act on `pool`. A caller
+    /// may use every pool of every rule that matches it.
+    pub fn authorize(&self, caller: Option<&CallerId>, pool: &UserPoolId) -> Result<(), Denied> {
+        let caller = caller.ok_or(Denied::CallerNotAllowed)?;
+        let mut matching = self
+            .rules
+            .iter()
+            .filter(|rule| rule.caller.matches(caller.as_str()))
+            .peekable();
+        if matching.peek().is_none() {
+            return Err(Denied::CallerNotAllowed);
+        }
+        if matching.any(|rule| rule.pools.contains(pool)) {
+            Ok(())
+        } else {
+            Err(Denied::PoolNotAllowedForCaller)
+        }
+    }
+}
+
+impl Rule {
+    fn parse(rule: RuleFile) -> Result<Self, String> {
+        let caller = match rule.caller.strip_suffix('*') {
+            _ if rule.caller.is_empty() => return Err("caller: must not be empty".into()),
+            Some(prefix) if !prefix.contains('*') => CallerPattern::Prefix(prefix.to_owned()),
+            None if !rule.caller.contains('*') => CallerPattern::Exact(rule.caller),
+            _ => return Err("caller: `*` is only allowed at the end (a prefix)".into()),
+        };
+        if rule.pools.is_empty() {
+            return Err("pools: list at least one pool id, or \"*\"".into());
+        }
+        let pools = if rule.pools == ["*"] {
+            Pools::Any
+        } else {
+            let pools = rule.pools.iter().map(|id| {
+                UserPoolId::parse(id).map_err(|e| format!("pools: {id:?}: {}", e.description))
+            });
+            Pools::Listed(pools.collect::<Result<_, _>>()?)
+        };
+        Ok(Self { caller, pools })
+    }
+}
+
+impl CallerPattern {
+    fn matches(&self, caller: &str) -> bool {
+        match self {
+            Self::Exact(id) => id == caller,
+            Self::Prefix(prefix) => caller.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+impl Pools {
+    fn contains(&self, pool: &UserPoolId) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Listed(pools) => pools.contains(pool),
+        }
+    }
+}
+
+/// The policy in force; swapped by the reloader.
+#[derive(Debug)]
+pub struct CurrentPolicy(RwLock<Arc<Policy>>);
+
+impl CurrentPolicy {
+    /// Starts with `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self(RwLock::new(Arc::new(policy)))
+    }
+
+    /// The policy for a call starting now.
+    pub fn get(&self) -> Arc<Policy> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the policy for calls from now on.
+    pub fn set(&self, policy: Policy) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+rules:
+  - caller: spiffe://prod/ns/billing/sa/api
+    pools: [eu-west-1_Billing1]
+  - caller: spiffe://prod/ns/support/*
+    pools: ["*"]
+  - caller: spiffe://prod/ns/billing/*
+    pools: [eu-west-1_Shared1]
+"#;
+
+    fn pool(id: &str) -> UserPoolId {
+        UserPoolId::parse(id).expect("pool")
+    }
+
+    fn caller(id: &str) -> CallerId {
+        CallerId::verified(id.into()).expect("caller")
+    }
+
+    fn yaml(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(Path::new("policy.yaml"), text)
+    }
+
+    #[test]
+    fn exact_and_prefix_rules_grant_the_union_of_their_pools() {
+        let policy = yaml(YAML).expect("valid");
+        let billing = caller("spiffe://prod/ns/billing/sa/api");
+        assert_eq!(
+            policy.authorize(Some(&billing), &pool("eu-west-1_Billing1")),
+            Ok(())
+        );
+        assert_eq!(
+            policy.authorize(Some(&billing), &pool("eu-west-1_Shared1")),
+            Ok(())
+        );
+        assert_eq!(
+            policy.authorize(Some(&billing), &pool("eu-west-1_Other1")),
+            Err(Denied::PoolNotAllowedForCaller)
+        );
+        let support = caller("spiffe://prod/ns/support/sa/desk");
+        assert_eq!(
+            policy.authorize(Some(&support), &pool("eu-west-1_Other1")),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn unknown_and_unverified_callers_are_denied() {
+        let policy = yaml(YAML).expect("valid");
+        let stranger = caller("spiffe://prod/ns/billing-evil/sa/x");
+        assert_eq!(
+            policy.authorize(Some(&stranger), &pool("eu-west-1_Shared1")),
+            Err(Denied::CallerNotAllowed),
+            "a prefix ending in / does not match a sibling namespace"
+        );
+        assert_eq!(
+            policy.authorize(None, &pool("eu-west-1_Billing1")),
+            Err(Denied::CallerNotAllowed)
+        );
+    }
+
+    #[test]
+    fn toml_is_the_same_policy() {
+        let toml = r#"
+[[rules]]
+caller = "spiffe://prod/ns/billing/sa/api"
+pools = ["eu-west-1_Billing1"]
+"#;
+        let policy = Policy::parse(Path::new("p.toml"), toml).expect("valid");
+        let billing = caller("spiffe://prod/ns/billing/sa/api");
+        assert_eq!(
+            policy.authorize(Some(&billing), &pool("eu-west-1_Billing1")),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn invalid_policies_say_where() {
+        for (text, expected) in [
+            ("rules:\n  - caller: a\n    pools: [x]\n", "rules[0]: pools"),
+            (
+                "rules:\n  - caller: a*b\n    pools: [\"*\"]\n",
+                "rules[0]: caller",
+            ),
+            (
+                "rules:\n  - caller: ''\n    pools: [\"*\"]\n",
+                "rules[0]: caller",
+            ),
+            ("rules:\n  - caller: a\n    pools: []\n", "rules[0]: pools"),
+            (
+                "rules:\n  - caller: a\n    pool: [\"*\"]\n",
+                "unknown field",
+            ),
+            ("rule: []\n", "unknown field"),
+            ("rules: [", ""),
+        ] {
+            let error = yaml(text).expect_err(text).to_string();
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+        assert!(Policy::parse(Path::new("policy.json"), "{}").is_err());
+    }
+}
