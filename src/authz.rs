@@ -313,4 +313,12 @@ pools = ["eu-west-1_Billing1"]
         }
         assert!(Policy::parse(Path::new("policy.json"), "{}").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_or_is_refused_without_panicking(text in "(?s).{0,400}") {
+            let _ = yaml(&text);
+            let _ = Policy::parse(Path::new("p.toml"), &text);
+        }
+    }
 }

@@ -252,6 +252,23 @@ impl Config {
     }
 }
 
+/// clap's error as one log-friendly line: the message and its details (such
+/// as which required flags are missing), without the usage and help hints.
+pub fn one_line_error(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more"))
+        .filter(|line| !line.is_empty())
+        .collect();
+    if message.is_empty() {
+        "error: invalid arguments".into()
+    } else {
+        message.join(" ")
+    }
+}
+
 fn parse_duration(value: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 2s, 1m)"))?;
@@ -348,6 +365,14 @@ mod tests {
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }
+    }
+
+    #[test]
+    fn a_missing_companion_flag_is_named_on_the_one_line() {
+        let error = parse(&["--tls-cert", "cert.pem"]).expect_err("needs --tls-key");
+        let line = one_line_error(&error);
+        assert!(line.contains("--tls-key"), "{line}");
+        assert!(!line.contains('\n') && !line.contains("Usage"), "{line}");
     }
 
     #[test]

@@ -324,3 +324,60 @@ mod tests {
         }
     }
 }
+
+/// Hostile input: arbitrary bytes through the same decode and validation the
+/// server runs, thousands of cases per CI run (`FUZZ_CASES=1000000` for a
+/// longer run). Nothing may panic; whatever validates must be usable.
+#[cfg(test)]
+mod hostile_input {
+    use proptest::prelude::*;
+    use prost::Message;
+
+    use super::*;
+    use crate::pools::PoolPolicy;
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("FUZZ_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(4096);
+        ProptestConfig::with_cases(cases)
+    }
+
+    fn decode_and_validate(bytes: &[u8]) {
+        let Ok(message) = GlobalSignOutRequest::decode(bytes) else {
+            return;
+        };
+        let Ok(request) = SignOutRequest::try_from(message) else {
+            return;
+        };
+        assert!(!request.username.expose().is_empty());
+        let default = UserPoolId::parse("us-east-1_Default").expect("valid");
+        let pools = PoolPolicy::new(Some(default), vec![]).expect("policy");
+        let pool = pools.resolve(request.user_pool_id).expect("allowed");
+        assert!(pool.as_str().contains('_'));
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            decode_and_validate(&bytes);
+        }
+
+        #[test]
+        fn well_formed_messages_with_hostile_strings_never_panic(
+            pool in ".{0,80}",
+            username in ".{0,200}",
+            unknown_field in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = GlobalSignOutRequest { user_pool_id: pool, username }.encode_to_vec();
+            // An unknown field (number 15, length-delimited) must be skipped.
+            bytes.push(0x7a);
+            prost::encoding::encode_varint(unknown_field.len() as u64, &mut bytes);
+            bytes.extend_from_slice(&unknown_field);
+            decode_and_validate(&bytes);
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use session_service::{
-    config::Config,
+    config::{self, Config},
     startup::{self, Application},
     telemetry,
 };
@@ -23,8 +23,7 @@ async fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(error) => {
-            let rendered = error.render().to_string();
-            eprintln!("{}", rendered.lines().next().unwrap_or("invalid arguments"));
+            eprintln!("{}", config::one_line_error(&error));
             return ExitCode::from(EXIT_USAGE);
         }
     };

@@ -142,3 +142,98 @@ fn sigterm_drains_and_exits_zero() {
 
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn unusable_security_files_are_exit_code_64_naming_the_problem() {
+    let dir = crate::helpers::scratch_dir("cli-security");
+    let ca = crate::pki::TestCa::new("cli CA");
+    let files = crate::pki::ServerFiles::write(&dir, &ca.server("cli"), &ca);
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let valid = write(
+        "ok.toml",
+        "[[rules]]\ncaller = \"spiffe://a/*\"\npools = [\"*\"]\n",
+    );
+    let unknown_key = write(
+        "unknown.yaml",
+        "rules:\n  - caller: a\n    pools: [\"*\"]\n    color: red\n",
+    );
+    let bad_pattern = write(
+        "pattern.yaml",
+        "rules:\n  - caller: a*b\n    pools: [\"*\"]\n",
+    );
+    let bad_pool = write(
+        "pool.toml",
+        "[[rules]]\ncaller = \"a\"\npools = [\"nope\"]\n",
+    );
+    let (cert, key, client_ca) = (
+        files.cert.display().to_string(),
+        files.key.display().to_string(),
+        files.client_ca.display().to_string(),
+    );
+    let mtls = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &client_ca,
+    ];
+    let check = |args: &[&str]| {
+        run(service()
+            .env("AWS_REGION", "eu-west-1")
+            .arg("--check-config")
+            .args(args))
+    };
+
+    let ok = check(&[&mtls[..], &["--authz-policy", &valid]].concat());
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    for (args, expected) in [
+        (
+            vec!["--authz-policy", unknown_key.as_str()],
+            "unknown field `color`",
+        ),
+        (
+            vec!["--authz-policy", bad_pattern.as_str()],
+            "only allowed at the end",
+        ),
+        (vec!["--authz-policy", bad_pool.as_str()], "pools"),
+        (
+            vec!["--authz-policy", "/nonexistent/policy.yaml"],
+            "/nonexistent/policy.yaml",
+        ),
+        (
+            vec!["--tls-cert", key.as_str(), "--tls-key", key.as_str()],
+            "certificate",
+        ),
+        (
+            vec!["--tls-cert", cert.as_str(), "--tls-key", cert.as_str()],
+            "private key",
+        ),
+        (vec!["--tls-cert", cert.as_str()], "--tls-key"),
+    ] {
+        let args = if args[0] == "--authz-policy" {
+            [&mtls[..], &args[..]].concat()
+        } else {
+            args
+        };
+        let output = check(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+
+    // A policy with no way to verify callers would refuse everything.
+    let unverifiable = check(&["--authz-policy", &valid]);
+    assert_eq!(unverifiable.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&unverifiable.stderr).contains("--tls-client-ca"));
+}

@@ -9,7 +9,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use session_service::config::Config;
 
-const KUSTOMIZATIONS: &[&str] = &["deploy/k8s/base", "deploy/k8s/overlays/production"];
+const KUSTOMIZATIONS: &[&str] = &[
+    "deploy/k8s/base",
+    "deploy/k8s/overlays/production",
+    "deploy/k8s/overlays/mtls",
+];
 /// Cognito's UserUpdate quota per account and Region.
 const COGNITO_ACCOUNT_RPS: f64 = 25.0;
 
@@ -54,10 +58,23 @@ impl Rendered {
         self.docs.iter().filter(|d| d["kind"] == kind).collect()
     }
 
+    fn named(&self, kind: &str, name: &str) -> &Value {
+        self.all(kind)
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{}: no {kind} {name}", self.name))
+    }
+
+    /// The server's environment ConfigMap.
     fn config(&self) -> &serde_json::Map<String, Value> {
-        self.one("ConfigMap")["data"]
+        self.named("ConfigMap", "session-service")["data"]
             .as_object()
             .expect("ConfigMap data")
+    }
+
+    fn port_of(&self, env: &str) -> Option<u64> {
+        let addr = self.config().get(env)?.as_str().expect("address");
+        Some(addr.rsplit(':').next()?.parse().expect("port"))
     }
 
     fn pod(&self) -> &Value {
@@ -91,16 +108,23 @@ fn server_defaults() -> Config {
 fn probes_are_native_grpc_health_checks_on_the_serving_port() {
     for r in rendered() {
         let container = r.container();
-        let listen = r.config()["SESSION_LISTEN"].as_str().expect("listen");
-        let port: u64 = listen
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port");
-        assert_eq!(container["ports"][0]["containerPort"], port, "{}", r.name);
+        let listen = r.port_of("SESSION_LISTEN").expect("SESSION_LISTEN");
+        let ports = container["ports"].as_array().expect("ports");
+        assert!(
+            ports.iter().any(|p| p["containerPort"] == listen),
+            "{}: the listen port is declared",
+            r.name
+        );
+        // With TLS on the API port, probes use the plaintext health port.
+        let probed = r.port_of("SESSION_HEALTH_LISTEN").unwrap_or(listen);
+        assert!(
+            ports.iter().any(|p| p["containerPort"] == probed),
+            "{}: the probed port is declared",
+            r.name
+        );
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             assert_eq!(
-                container[probe]["grpc"]["port"], port,
+                container[probe]["grpc"]["port"], probed,
                 "{}: {probe}",
                 r.name
             );
@@ -251,16 +275,69 @@ fn every_selector_matches_the_pods() {
     }
 }
 
+/// Writes the files the pod would see under its mounts into `root`: the
+/// rendered ConfigMaps' data, test certificates for the TLS Secret, a test
+/// key for the log-hash Secret.
+fn materialize_mounts(r: &Rendered, root: &Path) {
+    let ca = crate::pki::TestCa::new("deploy test CA");
+    let server = ca.server("session-service");
+    for mount in r.container()["volumeMounts"].as_array().expect("mounts") {
+        let mount_path = mount["mountPath"].as_str().expect("mountPath");
+        let volume = r.pod()["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("every mount has a volume");
+        let files: Vec<(String, String)> = if let Some(name) = volume["configMap"]["name"].as_str()
+        {
+            let data = r.named("ConfigMap", name)["data"]
+                .as_object()
+                .expect("data");
+            data.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().expect("string").to_owned()))
+                .collect()
+        } else if volume["secret"]["secretName"] == "session-service-tls" {
+            vec![
+                ("tls.crt".into(), server.cert_pem.clone()),
+                ("tls.key".into(), server.key_pem.clone()),
+                ("ca.crt".into(), ca.pem()),
+            ]
+        } else {
+            vec![("key".into(), "deploy-test-key".into())]
+        };
+        let dir = root.join(mount_path.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).expect("mount dir");
+        for (name, contents) in files {
+            std::fs::write(dir.join(name), contents).expect("mounted file");
+        }
+    }
+}
+
 #[test]
-fn the_server_accepts_every_rendered_configmap() {
+fn the_server_accepts_every_rendered_configmap_with_its_mounted_files() {
     for r in rendered() {
+        let root = crate::helpers::scratch_dir("deploy-mounts");
+        materialize_mounts(&r, &root);
+        let explicit_env = r.container()["env"].as_array().cloned().unwrap_or_default();
+        let env = r
+            .config()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_owned()))
+            .chain(explicit_env.iter().filter_map(|e| {
+                Some((
+                    e["name"].as_str()?.to_owned(),
+                    e["value"].as_str()?.to_owned(),
+                ))
+            }))
+            // Absolute paths are read under the materialized mounts.
+            .map(|(k, v)| match v.strip_prefix('/') {
+                Some(path) => (k, root.join(path).display().to_string()),
+                None => (k, v),
+            });
         let output = Command::new(env!("CARGO_BIN_EXE_session-service"))
             .env_clear()
-            .envs(
-                r.config()
-                    .iter()
-                    .map(|(k, v)| (k, v.as_str().expect("string value"))),
-            )
+            .envs(env)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .arg("--check-config")
             .output()
@@ -270,6 +347,40 @@ fn the_server_accepts_every_rendered_configmap() {
             "{}: {}",
             r.name,
             String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_mtls_overlay_mounts_the_certificate_it_requests() {
+    let r = Rendered::render("deploy/k8s/overlays/mtls");
+    let certificate = &r.one("Certificate")["spec"];
+    let tls_volume = r.pod()["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["secret"]["secretName"] == certificate["secretName"])
+        .expect("the Certificate's Secret is mounted");
+    assert_eq!(certificate["privateKey"]["rotationPolicy"], "Always");
+    assert!(certificate["issuerRef"]["name"].is_string());
+    let mounted_at = r.container()["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["name"] == tls_volume["name"])
+        .expect("mounted")["mountPath"]
+        .as_str()
+        .expect("path")
+        .to_owned();
+    for env in [
+        "SESSION_TLS_CERT",
+        "SESSION_TLS_KEY",
+        "SESSION_TLS_CLIENT_CA",
+    ] {
+        let path = r.config()[env].as_str().expect(env);
+        assert!(
+            path.starts_with(&mounted_at),
+            "{env}={path} is not under {mounted_at}"
         );
     }
 }

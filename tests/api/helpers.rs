@@ -78,6 +78,7 @@ pub(crate) fn sdk_config_with(credentials: SharedCredentialsProvider) -> SdkConf
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
     pub(crate) metrics_addr: SocketAddr,
+    pub(crate) health_addr: Option<SocketAddr>,
     pub(crate) client: SessionServiceClient<Channel>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
@@ -95,6 +96,7 @@ impl TestApp {
             .expect("application builds");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let health_addr = app.health_addr();
         let (shutdown, stop) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -107,6 +109,7 @@ impl TestApp {
         Self {
             addr,
             metrics_addr,
+            health_addr,
             client,
             shutdown: Some(shutdown),
             server: Some(server),

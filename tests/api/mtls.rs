@@ -425,3 +425,35 @@ async fn a_changed_policy_applies_and_a_broken_one_is_ignored() {
         .await
         .expect("the previous policy is still in force");
 }
+
+#[tokio::test]
+async fn kubelet_probes_get_plaintext_health_while_the_api_needs_mtls() {
+    let fake = FakeCognito::start(Reply::Ok).await;
+    let dir = scratch_dir("health-listen");
+    let ca = TestCa::new("test CA");
+    let files = ServerFiles::write(&dir, &ca.server("server-1"), &ca);
+    let mut config = secure_config(&fake, &files, None);
+    config.security.health_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let app = TestApp::spawn(config).await;
+    let health_addr = app.health_addr.expect("health listener bound");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        crate::helpers::channel(health_addr).await,
+    );
+
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "session.v1.SessionService".into(),
+        })
+        .await
+        .expect("plaintext health check")
+        .into_inner()
+        .status;
+
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let api_in_plaintext = app.sign_out(POOL, "alice@example.com").await;
+    assert!(api_in_plaintext.is_err(), "the API port speaks TLS only");
+    assert!(fake.requests().is_empty());
+}

@@ -117,3 +117,77 @@ async fn an_oversized_request_is_refused_without_an_upstream_call() {
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(fake.requests().is_empty());
 }
+
+#[tokio::test]
+async fn oversized_metadata_is_refused_without_an_upstream_call() {
+    let fake = FakeCognito::start(Reply::Ok).await;
+    let app = TestApp::spawn(test_config(&fake.endpoint())).await;
+    let mut request = tonic::Request::new(session_service::proto::GlobalSignOutRequest {
+        user_pool_id: POOL.into(),
+        username: SECRET_USERNAME.into(),
+    });
+    let huge = "x".repeat(32 * 1024); // the default header list limit is 16 KiB
+    request
+        .metadata_mut()
+        .insert("x-padding", huge.parse().expect("ascii"));
+
+    let status = app
+        .client
+        .clone()
+        .global_sign_out(request)
+        .await
+        .expect_err("refused");
+
+    println!(
+        "oversized metadata: {:?} {}",
+        status.code(),
+        status.message()
+    );
+    assert_ne!(status.code(), Code::Ok);
+    assert!(fake.requests().is_empty());
+    app.sign_out(POOL, SECRET_USERNAME)
+        .await
+        .expect("the server still serves normal calls");
+}
+
+#[tokio::test]
+async fn one_connection_gets_at_most_max_concurrent_streams_calls_at_once() {
+    let delay = std::time::Duration::from_millis(150);
+    let fake = FakeCognito::start(Reply::Delayed(delay, Box::new(Reply::Ok))).await;
+    let mut config = test_config(&fake.endpoint());
+    config.security.max_concurrent_streams = 2;
+    let app = TestApp::spawn(config).await;
+
+    // The first call brings the server's SETTINGS; before them, a client
+    // does not know the limit and the server answers REFUSED_STREAM.
+    app.sign_out(POOL, "warm-up@example.com")
+        .await
+        .expect("warm-up");
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..6 {
+        let mut client = app.client.clone();
+        calls.spawn(async move {
+            client
+                .global_sign_out(session_service::proto::GlobalSignOutRequest {
+                    user_pool_id: POOL.into(),
+                    username: format!("user{n}@example.com"),
+                })
+                .await
+        });
+    }
+    for result in calls.join_all().await {
+        result.expect("every call completes; the client queues the rest");
+    }
+
+    // A third stream opens only after one of two in flight has finished, so
+    // arrivals two apart are at least one Cognito delay apart.
+    let mut arrived: Vec<_> = fake.requests().iter().skip(1).map(|r| r.arrived).collect();
+    arrived.sort();
+    assert_eq!(arrived.len(), 6);
+    for pair in arrived.windows(3) {
+        assert!(
+            pair[2] - pair[0] >= delay,
+            "3 calls overlapped: {arrived:?}"
+        );
+    }
+}
