@@ -457,3 +457,48 @@ async fn kubelet_probes_get_plaintext_health_while_the_api_needs_mtls() {
     assert!(api_in_plaintext.is_err(), "the API port speaks TLS only");
     assert!(fake.requests().is_empty());
 }
+
+#[tokio::test]
+async fn grpcurl_calls_over_mtls_as_the_readme_shows() {
+    let setup = mtls_setup("grpcurl-mtls").await;
+    let dir = setup.files.cert.parent().expect("dir").to_path_buf();
+    let billing = setup.ca.spiffe_client(BILLING);
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("client.pem"),
+        dir.join("client-key.pem"),
+    );
+    std::fs::write(&ca, setup.ca.pem()).expect("write");
+    std::fs::write(&cert, &billing.cert_pem).expect("write");
+    std::fs::write(&key, &billing.key_pem).expect("write");
+    let run = |with_cert: bool| {
+        let mut command = tokio::process::Command::new(crate::tools::grpcurl());
+        command.args(["-cacert", ca.to_str().expect("utf-8")]);
+        if with_cert {
+            command.args(["-cert", cert.to_str().expect("utf-8")]);
+            command.args(["-key", key.to_str().expect("utf-8")]);
+        }
+        command.args(["-servername", "localhost", "-d"]);
+        command.arg(format!(r#"{{"user_pool_id":"{POOL}","username":"alice"}}"#));
+        command.args([
+            &setup.app.addr.to_string(),
+            "session.v1.SessionService/GlobalSignOut",
+        ]);
+        command.output()
+    };
+
+    let (with_cert, without) = tokio::join!(run(true), run(false));
+    let (with_cert, without) = (
+        with_cert.expect("grpcurl runs"),
+        without.expect("grpcurl runs"),
+    );
+
+    let stdout = String::from_utf8_lossy(&with_cert.stdout);
+    assert!(
+        with_cert.status.success() && stdout.contains("awsRequestId"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&with_cert.stderr)
+    );
+    assert!(!without.status.success(), "no client certificate, no call");
+    assert_eq!(setup.fake.requests().len(), 1);
+}
