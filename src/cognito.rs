@@ -78,6 +78,12 @@ impl Cognito {
         }
     }
 
+    /// The SDK client itself, configured as the service uses it (the
+    /// benchmark's "SDK alone" floor calls it directly).
+    pub fn sdk_client(&self) -> &Client {
+        &self.client
+    }
+
     /// Makes one AdminUserGlobalSignOut attempt, giving up after `budget`
     /// (the caller's remaining deadline) however far it got.
     pub async fn global_sign_out(

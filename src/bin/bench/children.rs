@@ -1,0 +1,109 @@
+//! The processes a benchmark run starts: the fake Cognito and the gRPC floor
+//! (this binary in another role) and the service itself (the release binary).
+//! Each is killed when its handle drops.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+/// A child process and the address it serves on.
+pub(crate) struct Running {
+    child: Child,
+    /// Where it listens.
+    pub(crate) addr: SocketAddr,
+}
+
+impl Running {
+    /// The process id, for reading its RSS.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// This binary in another role (`fake-cognito`, `floor-grpc`); it prints
+/// `LISTENING <addr>` first.
+pub(crate) fn spawn_role(args: &[&str]) -> Running {
+    let exe = std::env::current_exe().expect("own path");
+    let mut command = Command::new(exe);
+    command.args(args);
+    spawn(command, |line| {
+        line.strip_prefix("LISTENING ")
+            .and_then(|addr| addr.parse().ok())
+    })
+}
+
+/// The service, talking to `cognito`, with `args` on top of loopback-only
+/// listeners and test credentials. Its JSON log names its address.
+pub(crate) fn spawn_service(bin: &Path, cognito: SocketAddr, args: &[String]) -> Running {
+    let mut command = Command::new(bin);
+    command
+        .env_clear()
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "AKIDBENCHBENCHBENCH0")
+        .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("SESSION_LOG_USER_HASH_KEY", "bench")
+        .args(["--cognito-endpoint", &format!("http://{cognito}")])
+        .args(["--metrics-listen", "127.0.0.1:0", "--drain-delay", "0s"])
+        .args(args);
+    if !args.iter().any(|a| a == "--listen") {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
+    spawn(command, |line| {
+        let start = line.find(r#""addr":""#)? + 8;
+        let end = start + line[start..].find('"')?;
+        line[start..end].parse().ok()
+    })
+}
+
+/// Starts `command`, waits for the line that names its address, and keeps
+/// draining its stdout (a service under load logs a line per call).
+fn spawn(mut command: Command, address: impl Fn(&str) -> Option<SocketAddr>) -> Running {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{command:?} did not name its address"));
+        if let Some(addr) = address(&line) {
+            // Keep the pipe drained; the lines themselves are not needed.
+            std::thread::spawn(move || while lines.recv().is_ok() {});
+            return Running { child, addr };
+        }
+    }
+}
+
+/// Resident set size of `pid`, in KiB (Linux).
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,95 @@
+//! The two stand-ins this binary can be: the fake Cognito (upstream that
+//! costs almost nothing) and the gRPC floor (a tonic server that does
+//! nothing). Each prints `LISTENING <addr>` and serves until killed.
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use session_service::proto::{
+    GlobalSignOutRequest, GlobalSignOutResponse,
+    session_service_server::{SessionService, SessionServiceServer},
+};
+use tokio::net::TcpListener;
+
+/// Answers every AdminUserGlobalSignOut with HTTP 200 `{}` after `delay`;
+/// `GET /arrivals` lists arrival times (µs since the Unix epoch), one per
+/// line, so the benchmark can count calls per second at Cognito.
+pub(crate) async fn fake_cognito(delay: Duration) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    println!("LISTENING {}", listener.local_addr().expect("addr"));
+    let arrivals: Arc<Mutex<Vec<u64>>> = Arc::default();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| answer(request, delay, arrivals.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+    delay: Duration,
+    arrivals: Arc<Mutex<Vec<u64>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.uri().path() == "/arrivals" {
+        let list = arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+        let text: Vec<String> = list.iter().map(u64::to_string).collect();
+        return Ok(Response::new(Full::new(Bytes::from(text.join("\n")))));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    arrivals
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(u64::try_from(now.as_micros()).unwrap_or(u64::MAX));
+    let _ = request.into_body().collect().await;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let response = Response::builder()
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amzn-requestid", "b3nch000-0000-4000-8000-000000000000")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap_or_default();
+    Ok(response)
+}
+
+/// The same API, answering at once with an empty response: what the gRPC
+/// hop alone costs.
+struct Floor;
+
+#[tonic::async_trait]
+impl SessionService for Floor {
+    async fn global_sign_out(
+        &self,
+        _request: tonic::Request<GlobalSignOutRequest>,
+    ) -> Result<tonic::Response<GlobalSignOutResponse>, tonic::Status> {
+        Ok(tonic::Response::new(GlobalSignOutResponse::default()))
+    }
+}
+
+/// Serves [`Floor`] with tonic's defaults.
+pub(crate) async fn floor_grpc() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    println!("LISTENING {}", listener.local_addr().expect("addr"));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(SessionServiceServer::new(Floor))
+        .serve_with_incoming(incoming)
+        .await
+        .expect("floor server");
+}
