@@ -6,7 +6,11 @@ use std::process::Command;
 #[test]
 fn the_benchmark_runs_every_scenario_in_smoke_mode() {
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--smoke", "--service-bin", env!("CARGO_BIN_EXE_session-service")])
+        .args([
+            "--smoke",
+            "--service-bin",
+            env!("CARGO_BIN_EXE_session-service"),
+        ])
         .env("NO_PROXY", "127.0.0.1,localhost")
         .output()
         .expect("bench runs");
@@ -16,11 +20,25 @@ fn the_benchmark_runs_every_scenario_in_smoke_mode() {
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    for scenario in ["P1 latency p50", "P1 latency p99", "P2 throughput", "P3 admitted", "P3 busiest", "P4 RSS idle", "P4 RSS peak", "P4 RSS after", "P5 start", "P5 binary size"] {
+    for scenario in [
+        "P1 latency p50",
+        "P1 latency p99",
+        "P2 throughput",
+        "P3 admitted",
+        "P3 busiest",
+        "P4 RSS idle",
+        "P4 RSS peak",
+        "P4 RSS after",
+        "P5 start",
+        "P5 binary size",
+    ] {
         assert!(stdout.contains(scenario), "no {scenario} row in:\n{stdout}");
     }
     // Every call of the closed-loop scenarios succeeded.
     for line in stdout.lines().filter(|l| l.contains(" calls (")) {
-        assert!(!line.contains("UNAVAILABLE") && !line.contains("SDK_ERROR"), "{line}");
+        assert!(
+            !line.contains("UNAVAILABLE") && !line.contains("SDK_ERROR"),
+            "{line}"
+        );
     }
 }

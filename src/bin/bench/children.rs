@@ -73,13 +73,16 @@ pub(crate) fn spawn_service(bin: &Path, cognito: SocketAddr, args: &[String]) ->
 /// Starts `command`, waits for the line that names its address, and keeps
 /// draining its stdout (a service under load logs a line per call).
 fn spawn(mut command: Command, address: impl Fn(&str) -> Option<SocketAddr>) -> Running {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-    let stdout = child.stdout.take().expect("piped stdout");
+    let mut running = Running {
+        child: command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}")),
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let stdout = running.child.stdout.take().expect("piped stdout");
     let (lines_tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -87,13 +90,15 @@ fn spawn(mut command: Command, address: impl Fn(&str) -> Option<SocketAddr>) -> 
         }
     });
     loop {
+        // On a panic here, dropping `running` kills the child.
         let line = lines
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("{command:?} did not name its address"));
         if let Some(addr) = address(&line) {
             // Keep the pipe drained; the lines themselves are not needed.
             std::thread::spawn(move || while lines.recv().is_ok() {});
-            return Running { child, addr };
+            running.addr = addr;
+            return running;
         }
     }
 }
