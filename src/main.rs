@@ -10,6 +10,12 @@ use session_service::{
     telemetry,
 };
 
+/// glibc's malloc cost a tenth of the service's CPU under load, and its
+/// per-thread arenas grew resident memory round after round of 1,000 calls
+/// in flight (BENCHMARKS.md has the before and after).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// EX_USAGE from sysexits.h: the command line or environment was wrong.
 const EXIT_USAGE: u8 = 64;
 
@@ -37,10 +43,11 @@ async fn main() -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         };
+    let (log_writer, _flush_logs_on_exit) = telemetry::stdout_writer();
     telemetry::init(telemetry::subscriber(
         config.log_format,
         "info",
-        std::io::stdout,
+        log_writer,
         tracer_provider.as_ref(),
     ));
 

@@ -539,25 +539,25 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Resolves on the first SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
+/// Resolves on the first SIGTERM (Kubernetes) or SIGINT (Ctrl-C). The
+/// handlers are installed when this is called, not when the future is first
+/// polled: a SIGTERM right after the "serving" line must drain, not kill.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut terminate), Ok(mut interrupt)) => {
                 tokio::select! {
-                    _ = interrupt => {}
                     _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
                 }
             }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
-                let _ = interrupt.await;
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "cannot listen for signals; falling back to Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

@@ -57,6 +57,8 @@ pub(crate) fn spawn_service(bin: &Path, cognito: SocketAddr, args: &[String]) ->
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
         .env("SESSION_LOG_USER_HASH_KEY", "bench")
+        // Runtime experiments: `TOKIO_WORKER_THREADS=1 scripts/bench`.
+        .envs(std::env::vars().filter(|(k, _)| k == "TOKIO_WORKER_THREADS"))
         .args(["--cognito-endpoint", &format!("http://{cognito}")])
         .args(["--metrics-listen", "127.0.0.1:0", "--drain-delay", "0s"])
         .args(args);
@@ -101,6 +103,26 @@ fn spawn(mut command: Command, address: impl Fn(&str) -> Option<SocketAddr>) -> 
             return running;
         }
     }
+}
+
+/// CPU time (user + system) `pid` has used so far (Linux, clock ticks of
+/// 10 ms: use over many calls).
+pub(crate) fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 /// Resident set size of `pid`, in KiB (Linux).

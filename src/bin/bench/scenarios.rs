@@ -7,7 +7,7 @@ use std::{
 };
 
 use crate::{
-    children::{Running, rss_kib, spawn_role, spawn_service},
+    children::{Running, cpu_time, rss_kib, spawn_role, spawn_service},
     clients,
     load::{Stop, closed_loop, open_loop},
     report::Row,
@@ -94,9 +94,14 @@ pub(crate) async fn p1_latency(plan: &Plan, service_bin: &Path) -> Vec<Row> {
         closed_loop(target, 1, Stop::Calls(plan.p1_calls.min(200))).await;
     }
     let mut totals: Vec<_> = Vec::new();
+    let mut service_cpu = Duration::ZERO;
     for round in 0..plan.p1_rounds {
         for (i, target) in targets.iter().enumerate() {
+            let cpu_before = cpu_time(service.pid());
             let outcome = closed_loop(target, 1, Stop::Calls(plan.p1_calls)).await;
+            if i == 0 {
+                service_cpu += cpu_time(service.pid()) - cpu_before;
+            }
             if round == 0 {
                 totals.push(outcome);
             } else {
@@ -104,9 +109,10 @@ pub(crate) async fn p1_latency(plan: &Plan, service_bin: &Path) -> Vec<Row> {
             }
         }
     }
-    let [service, grpc_floor, sdk_floor] = &totals[..] else {
+    let [service_outcome, grpc_floor, sdk_floor] = &totals[..] else {
         unreachable!("three targets")
     };
+    let service = service_outcome;
     let mut rows = Vec::new();
     for (name, q, goal) in [("p50", 0.5, 1.15), ("p99", 0.99, 1.15)] {
         let s = service.ok.value_at_quantile(q);
@@ -124,6 +130,10 @@ pub(crate) async fn p1_latency(plan: &Plan, service_bin: &Path) -> Vec<Row> {
             s as f64 / floor as f64 <= goal,
         ));
     }
+    rows.push(Row::note(
+        "P1 service CPU per call (user + system)",
+        micros(u64::try_from(service_cpu.as_micros()).unwrap_or(0) / service.total().max(1)),
+    ));
     rows.push(Row::note(
         "P1 calls (service / gRPC floor / SDK floor)",
         format!(
