@@ -184,6 +184,16 @@ pub(crate) async fn p2_throughput(plan: &Plan, service_bin: &Path) -> Vec<Row> {
             "≥ 0.85, all OK",
             ratio >= 0.85 && all_ok,
         ),
+        // With every core busy, the service's path costs at least the CPU
+        // of both floors per call: 1/(1/sdk + 1/grpc) is its ceiling.
+        Row::note(
+            "P2 ceiling if the service itself cost nothing (both floors' CPU)",
+            format!(
+                "{:.0} req/s, ratio {:.3}",
+                1.0 / (1.0 / sdk_floor.ok_per_sec() + 1.0 / grpc_floor.ok_per_sec()),
+                grpc_floor.ok_per_sec() / (sdk_floor.ok_per_sec() + grpc_floor.ok_per_sec())
+            ),
+        ),
         Row::note(
             "P2 calls (service / SDK floor / gRPC floor req/s)",
             format!(
@@ -296,7 +306,8 @@ pub(crate) async fn p4_memory(plan: &Plan, service_bin: &Path) -> Vec<Row> {
 }
 
 /// One round of `calls` at once; RSS sampled every 20 ms. Returns the peak
-/// and the RSS half a second after the last answer.
+/// and the RSS 1.5 s after the last answer (jemalloc returns freed pages
+/// within a second; see `.cargo/config.toml`).
 async fn in_flight_round(service: &Running, call: &crate::load::Call, calls: u64) -> (u64, u64) {
     let load = closed_loop(
         call,
@@ -318,7 +329,7 @@ async fn in_flight_round(service: &Running, call: &crate::load::Call, calls: u64
         "P4 calls: {}",
         outcome.codes_text()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     (peak, rss_kib(service.pid()))
 }
 
