@@ -1,6 +1,8 @@
 //! Assembles the gRPC server (the API, health, reflection) and runs it until
 //! a shutdown signal, draining in-flight calls within a bounded grace.
 
+mod security;
+
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use aws_config::SdkConfig;
@@ -8,10 +10,12 @@ use tokio::net::TcpListener;
 use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
+pub use self::security::Loaded;
+use self::security::{load_policy, load_tls, log_security_posture, policy_reload, tls_reload};
 use crate::{
     authz::{CurrentPolicy, Policy},
     cognito::Cognito,
-    config::{Config, SecurityConfig},
+    config::Config,
     incoming,
     limiter::{CallerLimits, UpstreamBudget},
     metrics::{Metrics, Sampled},
@@ -21,7 +25,7 @@ use crate::{
     service::{CallerPolicy, SessionApi, UserLogging},
     signout::SignOutFlow,
     telemetry::{RpcTelemetryLayer, UserHasher},
-    tls::{self, CurrentTlsConfig, TlsFiles},
+    tls::{CurrentTlsConfig, TlsFiles},
 };
 
 /// HTTP/2 streams a client may open and reset before the server accepts
@@ -106,17 +110,6 @@ pub struct Checked {
     pub policy: Option<Loaded<PathBuf, Policy>>,
 }
 
-/// Something built from files, with the contents it was built from (the
-/// reloader's starting point).
-pub struct Loaded<Source, Value> {
-    /// Where it came from.
-    pub source: Source,
-    /// The files' contents at load time.
-    pub contents: Vec<Vec<u8>>,
-    /// What was built.
-    pub value: Value,
-}
-
 /// Checks what can be checked without serving: flags that are only wrong
 /// together, the region, the user-hash key file, TLS files and the policy.
 pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, StartupError> {
@@ -137,55 +130,6 @@ pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, Startup
         tls,
         policy,
     })
-}
-
-fn load_tls(files: TlsFiles) -> Result<Loaded<TlsFiles, Arc<rustls::ServerConfig>>, StartupError> {
-    let contents = reload::read_files(&files.paths()).map_err(StartupError::Tls)?;
-    let value = tls::server_config(&contents).map_err(StartupError::Tls)?;
-    Ok(Loaded {
-        source: files,
-        contents,
-        value,
-    })
-}
-
-fn load_policy(path: PathBuf) -> Result<Loaded<PathBuf, Policy>, StartupError> {
-    let failed = |reason: String| StartupError::Policy {
-        path: path.display().to_string(),
-        reason,
-    };
-    let contents = reload::read_files(std::slice::from_ref(&path)).map_err(failed)?;
-    let text = std::str::from_utf8(&contents[0]).map_err(|e| failed(e.to_string()))?;
-    let value = Policy::parse(&path, text).map_err(|e| failed(e.to_string()))?;
-    Ok(Loaded {
-        source: path,
-        contents,
-        value,
-    })
-}
-
-/// Says at start, once, what protects the API and what does not.
-fn log_security_posture(security: &SecurityConfig, checked: &Checked) {
-    let transport = match (&checked.tls, &security.tls_client_ca) {
-        (None, _) => "plaintext",
-        (Some(_), None) => "TLS",
-        (Some(_), Some(_)) => "mTLS",
-    };
-    match &checked.policy {
-        Some(policy) => tracing::info!(
-            transport,
-            trust_forwarded_client_cert = security.trust_forwarded_client_cert,
-            rules = policy.value.len(),
-            "authorization policy in force"
-        ),
-        None => tracing::warn!(
-            transport,
-            "no --authz-policy: every caller that reaches this port may sign out users of every allowed pool"
-        ),
-    }
-    if checked.policy.as_ref().is_some_and(|p| p.value.is_empty()) {
-        tracing::warn!("the authorization policy has no rules: every call is refused");
-    }
 }
 
 fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
@@ -490,33 +434,6 @@ fn spawn_health_server(
             }),
     );
     stop
-}
-
-/// Reloads the TLS files into `current` when they change.
-fn tls_reload(files: TlsFiles, current: Arc<CurrentTlsConfig>) -> Watched {
-    Watched {
-        kind: "tls",
-        paths: files.paths(),
-        apply: Box::new(move |contents| {
-            current.set(tls::server_config(contents)?);
-            Ok(())
-        }),
-    }
-}
-
-/// Reloads the policy file into `current` when it changes.
-fn policy_reload(path: PathBuf, current: Arc<CurrentPolicy>) -> Watched {
-    Watched {
-        kind: "authz_policy",
-        paths: vec![path.clone()],
-        apply: Box::new(move |contents| {
-            let text = std::str::from_utf8(&contents[0]).map_err(|e| e.to_string())?;
-            let policy = Policy::parse(&path, text).map_err(|e| e.to_string())?;
-            tracing::info!(rules = policy.len(), "authorization policy replaced");
-            current.set(policy);
-            Ok(())
-        }),
-    }
 }
 
 /// The same status for the whole server (`""`) and for the API itself.
