@@ -75,8 +75,10 @@ struct RuleFile {
 }
 
 impl Policy {
-    /// Parses a policy; `path` decides the format (`.toml`, `.yaml`, `.yml`).
-    pub fn parse(path: &Path, text: &str) -> Result<Self, PolicyError> {
+    /// Parses a policy file's contents; `path` decides the format (`.toml`,
+    /// `.yaml`, `.yml`).
+    pub fn parse(path: &Path, contents: &[u8]) -> Result<Self, PolicyError> {
+        let text = std::str::from_utf8(contents).map_err(|e| PolicyError(e.to_string()))?;
         let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let file: PolicyFile = match extension {
             "toml" => toml::from_str(text).map_err(|e| PolicyError(e.to_string()))?,
@@ -127,16 +129,13 @@ impl Policy {
     /// Whether `caller` (verified, or `None`) may act on `pool`. A caller
     /// may use every pool of every rule that matches it.
     pub fn authorize(&self, caller: Option<&CallerId>, pool: &UserPoolId) -> Result<(), Denied> {
-        let caller = caller.ok_or(Denied::CallerNotAllowed)?;
-        let mut matching = self
-            .rules
-            .iter()
-            .filter(|rule| rule.caller.matches(caller.as_str()))
-            .peekable();
-        if matching.peek().is_none() {
-            return Err(Denied::CallerNotAllowed);
-        }
-        if matching.any(|rule| rule.pools.contains(pool)) {
+        self.knows(caller)?;
+        let allowed = caller.is_some_and(|caller| {
+            self.rules
+                .iter()
+                .any(|rule| rule.caller.matches(caller.as_str()) && rule.pools.contains(pool))
+        });
+        if allowed {
             Ok(())
         } else {
             Err(Denied::PoolNotAllowedForCaller)
@@ -232,7 +231,7 @@ rules:
     }
 
     fn yaml(text: &str) -> Result<Policy, PolicyError> {
-        Policy::parse(Path::new("policy.yaml"), text)
+        Policy::parse(Path::new("policy.yaml"), text.as_bytes())
     }
 
     #[test]
@@ -280,7 +279,7 @@ rules:
 caller = "spiffe://prod/ns/billing/sa/api"
 pools = ["eu-west-1_Billing1"]
 "#;
-        let policy = Policy::parse(Path::new("p.toml"), toml).expect("valid");
+        let policy = Policy::parse(Path::new("p.toml"), toml.as_bytes()).expect("valid");
         let billing = caller("spiffe://prod/ns/billing/sa/api");
         assert_eq!(
             policy.authorize(Some(&billing), &pool("eu-west-1_Billing1")),
@@ -311,14 +310,14 @@ pools = ["eu-west-1_Billing1"]
             let error = yaml(text).expect_err(text).to_string();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
-        assert!(Policy::parse(Path::new("policy.json"), "{}").is_err());
+        assert!(Policy::parse(Path::new("policy.json"), b"{}").is_err());
     }
 
     proptest::proptest! {
         #[test]
         fn any_text_parses_or_is_refused_without_panicking(text in "(?s).{0,400}") {
             let _ = yaml(&text);
-            let _ = Policy::parse(Path::new("p.toml"), &text);
+            let _ = Policy::parse(Path::new("p.toml"), text.as_bytes());
         }
     }
 }

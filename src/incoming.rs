@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use rustls::pki_types::CertificateDer;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -22,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::tls::CurrentTlsConfig;
+use crate::{identity, tls::CurrentTlsConfig};
 
 /// TLS handshakes under way at most; beyond it, new connections wait in the
 /// kernel's backlog instead of costing memory here.
@@ -47,9 +46,11 @@ pub enum Conn {
 pub struct PeerInfo {
     /// The client's address.
     pub remote_addr: Option<SocketAddr>,
-    /// The client's certificate chain, leaf first, when it sent one; the TLS
-    /// handshake already verified it against the client CA.
-    pub client_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The identity the client certificate names (see
+    /// [`identity::certificate_identity`]), when the client sent one; the TLS
+    /// handshake already verified it against the client CA. Read once per
+    /// connection, not per call.
+    pub certificate_identity: Option<Arc<str>>,
 }
 
 impl Connected for Conn {
@@ -59,15 +60,17 @@ impl Connected for Conn {
         match self {
             Self::Plain(tcp) => PeerInfo {
                 remote_addr: tcp.peer_addr().ok(),
-                client_certs: None,
+                certificate_identity: None,
             },
             Self::Tls(tls) => {
                 let (tcp, session) = tls.get_ref();
                 PeerInfo {
                     remote_addr: tcp.peer_addr().ok(),
-                    client_certs: session
+                    certificate_identity: session
                         .peer_certificates()
-                        .map(|certs| Arc::new(certs.to_vec())),
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| identity::certificate_identity(leaf))
+                        .map(Arc::from),
                 }
             }
         }

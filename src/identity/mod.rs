@@ -74,11 +74,8 @@ pub fn verified_caller(
             return verified(id, IdentitySource::ForwardedClientCert).map(Some);
         }
     }
-    let leaf = peer
-        .and_then(|peer| peer.client_certs.as_deref())
-        .and_then(|chain| chain.first());
-    match leaf.and_then(|der| certificate_identity(der)) {
-        Some(id) => verified(id, IdentitySource::ClientCertificate).map(Some),
+    match peer.and_then(|peer| peer.certificate_identity.as_deref()) {
+        Some(id) => verified(id.to_owned(), IdentitySource::ClientCertificate).map(Some),
         None => Ok(None),
     }
 }
@@ -136,7 +133,7 @@ mod tests {
     fn peer(cert: CertificateDer<'static>) -> PeerInfo {
         PeerInfo {
             remote_addr: None,
-            client_certs: Some(Arc::new(vec![cert])),
+            certificate_identity: certificate_identity(&cert).map(Arc::from),
         }
     }
 

@@ -40,8 +40,7 @@ pub(super) fn load_policy(path: PathBuf) -> Result<Loaded<PathBuf, Policy>, Star
         reason,
     };
     let contents = reload::read_files(std::slice::from_ref(&path)).map_err(failed)?;
-    let text = std::str::from_utf8(&contents[0]).map_err(|e| failed(e.to_string()))?;
-    let value = Policy::parse(&path, text).map_err(|e| failed(e.to_string()))?;
+    let value = Policy::parse(&path, &contents[0]).map_err(|e| failed(e.to_string()))?;
     Ok(Loaded {
         source: path,
         contents,
@@ -91,8 +90,7 @@ pub(super) fn policy_reload(path: PathBuf, current: Arc<CurrentPolicy>) -> Watch
         kind: "authz_policy",
         paths: vec![path.clone()],
         apply: Box::new(move |contents| {
-            let text = std::str::from_utf8(&contents[0]).map_err(|e| e.to_string())?;
-            let policy = Policy::parse(&path, text).map_err(|e| e.to_string())?;
+            let policy = Policy::parse(&path, &contents[0]).map_err(|e| e.to_string())?;
             tracing::info!(rules = policy.len(), "authorization policy replaced");
             current.set(policy);
             Ok(())
