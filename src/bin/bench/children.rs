@@ -44,9 +44,9 @@ pub(crate) fn spawn_role(args: &[&str]) -> Running {
     })
 }
 
-/// The service, talking to `cognito`, with `args` on top of loopback-only
-/// listeners and test credentials. Its JSON log names its address.
-pub(crate) fn spawn_service(bin: &Path, cognito: SocketAddr, args: &[String]) -> Running {
+/// The service binary with test credentials, no AWS files or instance
+/// metadata, `cognito` as its endpoint and a loopback metrics port.
+fn service_command(bin: &Path, cognito: SocketAddr) -> Command {
     let mut command = Command::new(bin);
     command
         .env_clear()
@@ -60,16 +60,35 @@ pub(crate) fn spawn_service(bin: &Path, cognito: SocketAddr, args: &[String]) ->
         // Runtime experiments: `TOKIO_WORKER_THREADS=1 scripts/bench`.
         .envs(std::env::vars().filter(|(k, _)| k == "TOKIO_WORKER_THREADS"))
         .args(["--cognito-endpoint", &format!("http://{cognito}")])
-        .args(["--metrics-listen", "127.0.0.1:0", "--drain-delay", "0s"])
-        .args(args);
-    if !args.iter().any(|a| a == "--listen") {
-        command.args(["--listen", "127.0.0.1:0"]);
-    }
+        .args(["--metrics-listen", "127.0.0.1:0", "--drain-delay", "0s"]);
+    command
+}
+
+/// The service on port 0, with `args` on top of [`service_command`]; returns
+/// once its JSON log names its address.
+pub(crate) fn spawn_service(bin: &Path, cognito: SocketAddr, args: &[String]) -> Running {
+    let mut command = service_command(bin, cognito);
+    command.args(["--listen", "127.0.0.1:0"]).args(args);
     spawn(command, |line| {
         let start = line.find(r#""addr":""#)? + 8;
         let end = start + line[start..].find('"')?;
         line[start..end].parse().ok()
     })
+}
+
+/// The service on `listen`, returned at once, its output discarded: for
+/// timing how long it takes to serve.
+pub(crate) fn start_service(bin: &Path, cognito: SocketAddr, listen: SocketAddr) -> Running {
+    let child = service_command(bin, cognito)
+        .args(["--listen", &listen.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    Running {
+        child,
+        addr: listen,
+    }
 }
 
 /// Starts `command`, waits for the line that names its address, and keeps

@@ -7,9 +7,9 @@ use std::{
 };
 
 use crate::{
-    children::{Running, cpu_time, rss_kib, spawn_role, spawn_service},
+    children::{Running, cpu_time, rss_kib, spawn_role, spawn_service, start_service},
     clients,
-    load::{Stop, closed_loop, open_loop},
+    load::{Call, Outcome, Stop, closed_loop, open_loop},
     report::Row,
 };
 
@@ -80,6 +80,35 @@ fn micros(value: u64) -> String {
     format!("{:.0} µs", value as f64)
 }
 
+/// Runs each target in turn, `rounds` times over, so that drift on a shared
+/// machine hits them alike; merges each target's outcomes. Also returns the
+/// CPU time process `pid` (the service) used while target 0 ran.
+async fn alternate(
+    targets: &[Call],
+    rounds: usize,
+    concurrency: usize,
+    stop: Stop,
+    pid: u32,
+) -> (Vec<Outcome>, Duration) {
+    let mut totals: Vec<Outcome> = Vec::new();
+    let mut cpu = Duration::ZERO;
+    for round in 0..rounds {
+        for (i, target) in targets.iter().enumerate() {
+            let cpu_before = cpu_time(pid);
+            let outcome = closed_loop(target, concurrency, stop).await;
+            if i == 0 {
+                cpu += cpu_time(pid) - cpu_before;
+            }
+            if round == 0 {
+                totals.push(outcome);
+            } else {
+                totals[i].merge(&outcome);
+            }
+        }
+    }
+    (totals, cpu)
+}
+
 /// P1: latency at concurrency 1, service vs floor 1 + floor 2.
 pub(crate) async fn p1_latency(plan: &Plan, service_bin: &Path) -> Vec<Row> {
     let fake = spawn_role(&["fake-cognito"]);
@@ -93,26 +122,17 @@ pub(crate) async fn p1_latency(plan: &Plan, service_bin: &Path) -> Vec<Row> {
     for target in &targets {
         closed_loop(target, 1, Stop::Calls(plan.p1_calls.min(200))).await;
     }
-    let mut totals: Vec<_> = Vec::new();
-    let mut service_cpu = Duration::ZERO;
-    for round in 0..plan.p1_rounds {
-        for (i, target) in targets.iter().enumerate() {
-            let cpu_before = cpu_time(service.pid());
-            let outcome = closed_loop(target, 1, Stop::Calls(plan.p1_calls)).await;
-            if i == 0 {
-                service_cpu += cpu_time(service.pid()) - cpu_before;
-            }
-            if round == 0 {
-                totals.push(outcome);
-            } else {
-                totals[i].merge(&outcome);
-            }
-        }
-    }
-    let [service_outcome, grpc_floor, sdk_floor] = &totals[..] else {
+    let (totals, service_cpu) = alternate(
+        &targets,
+        plan.p1_rounds,
+        1,
+        Stop::Calls(plan.p1_calls),
+        service.pid(),
+    )
+    .await;
+    let [service, grpc_floor, sdk_floor] = &totals[..] else {
         unreachable!("three targets")
     };
-    let service = service_outcome;
     let mut rows = Vec::new();
     for (name, q, goal) in [("p50", 0.5, 1.15), ("p99", 0.99, 1.15)] {
         let s = service.ok.value_at_quantile(q);
@@ -159,17 +179,14 @@ pub(crate) async fn p2_throughput(plan: &Plan, service_bin: &Path) -> Vec<Row> {
     for target in &targets {
         closed_loop(target, 64, Stop::Calls(640)).await;
     }
-    let mut totals: Vec<_> = Vec::new();
-    for round in 0..plan.p2_rounds {
-        for (i, target) in targets.iter().enumerate() {
-            let outcome = closed_loop(target, 64, Stop::After(plan.p2_duration)).await;
-            if round == 0 {
-                totals.push(outcome);
-            } else {
-                totals[i].merge(&outcome);
-            }
-        }
-    }
+    let (totals, _) = alternate(
+        &targets,
+        plan.p2_rounds,
+        64,
+        Stop::After(plan.p2_duration),
+        service.pid(),
+    )
+    .await;
     let [service, sdk_floor, grpc_floor] = &totals[..] else {
         unreachable!("three targets")
     };
@@ -308,7 +325,7 @@ pub(crate) async fn p4_memory(plan: &Plan, service_bin: &Path) -> Vec<Row> {
 /// One round of `calls` at once; RSS sampled every 20 ms. Returns the peak
 /// and the RSS 1.5 s after the last answer (jemalloc returns freed pages
 /// within a second; see `.cargo/config.toml`).
-async fn in_flight_round(service: &Running, call: &crate::load::Call, calls: u64) -> (u64, u64) {
+async fn in_flight_round(service: &Running, call: &Call, calls: u64) -> (u64, u64) {
     let load = closed_loop(
         call,
         usize::try_from(calls).unwrap_or(1000),
@@ -368,14 +385,12 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn start_to_serving(service_bin: &Path, cognito: SocketAddr) -> Duration {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let listen = format!("--listen=127.0.0.1:{port}");
+        .expect("a free port");
     let started = Instant::now();
-    let _service = spawn_service_detached(service_bin, cognito, &listen);
-    let uri = format!("http://127.0.0.1:{port}");
+    let _service = start_service(service_bin, cognito, listen);
+    let uri = format!("http://{listen}");
     loop {
         if let Ok(channel) = tonic::transport::Endpoint::from_shared(uri.clone())
             .expect("uri")
@@ -394,32 +409,6 @@ async fn start_to_serving(service_bin: &Path, cognito: SocketAddr) -> Duration {
         }
         assert!(started.elapsed() < Duration::from_secs(30), "never SERVING");
         tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// Starts the service without waiting for its log (P5 times the start).
-fn spawn_service_detached(service_bin: &Path, cognito: SocketAddr, listen: &str) -> KillOnDrop {
-    let child = std::process::Command::new(service_bin)
-        .env_clear()
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "AKIDBENCHBENCHBENCH0")
-        .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("SESSION_LOG_USER_HASH_KEY", "bench")
-        .args([listen, "--metrics-listen=127.0.0.1:0"])
-        .arg(format!("--cognito-endpoint=http://{cognito}"))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("service starts");
-    KillOnDrop(child)
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
