@@ -55,12 +55,18 @@ fn secure_config(fake: &FakeCognito, files: &ServerFiles, policy: Option<&Path>)
     config
 }
 
-async fn mtls_setup(name: &str) -> MtlsSetup {
+/// A fake Cognito, a CA, and server files (certificate from that CA, which
+/// is also the client CA) in a scratch directory of `name`.
+async fn pki(name: &str) -> (FakeCognito, TestCa, ServerFiles) {
     let fake = FakeCognito::start(Reply::Ok).await;
-    let dir = scratch_dir(name);
     let ca = TestCa::new("test CA");
-    let files = ServerFiles::write(&dir, &ca.server("server-1"), &ca);
-    let policy = write_policy(&dir, POLICY);
+    let files = ServerFiles::write(&scratch_dir(name), &ca.server("server-1"), &ca);
+    (fake, ca, files)
+}
+
+async fn mtls_setup(name: &str) -> MtlsSetup {
+    let (fake, ca, files) = pki(name).await;
+    let policy = write_policy(files.cert.parent().expect("dir"), POLICY);
     let app = TestApp::spawn(secure_config(&fake, &files, Some(&policy))).await;
     MtlsSetup {
         fake,
@@ -239,10 +245,7 @@ async fn the_refusal_matrix_under_mtls_and_a_policy() {
 
 #[tokio::test]
 async fn the_verified_identity_is_the_rate_limited_caller_whatever_the_header_says() {
-    let fake = FakeCognito::start(Reply::Ok).await;
-    let dir = scratch_dir("mtls-rate");
-    let ca = TestCa::new("test CA");
-    let files = ServerFiles::write(&dir, &ca.server("server-1"), &ca);
+    let (fake, ca, files) = pki("mtls-rate").await;
     let mut config = secure_config(&fake, &files, None);
     config.per_caller_rps = Some(0.01);
     config.per_caller_burst = Some(1);
@@ -428,10 +431,7 @@ async fn a_changed_policy_applies_and_a_broken_one_is_ignored() {
 
 #[tokio::test]
 async fn kubelet_probes_get_plaintext_health_while_the_api_needs_mtls() {
-    let fake = FakeCognito::start(Reply::Ok).await;
-    let dir = scratch_dir("health-listen");
-    let ca = TestCa::new("test CA");
-    let files = ServerFiles::write(&dir, &ca.server("server-1"), &ca);
+    let (fake, _, files) = pki("health-listen").await;
     let mut config = secure_config(&fake, &files, None);
     config.security.health_listen = Some("127.0.0.1:0".parse().expect("addr"));
     let app = TestApp::spawn(config).await;
