@@ -1,7 +1,11 @@
 //! The Cognito side: one SDK client built at start, one call, and the
 //! classification of everything that call can fail with.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    future::Future,
+    pin::Pin,
+    time::{Duration, SystemTime},
+};
 
 use aws_config::SdkConfig;
 use aws_credential_types::provider::error::CredentialsError;
@@ -53,6 +57,33 @@ pub struct SignedOut {
     pub at: SystemTime,
 }
 
+/// What an AdminUserGlobalSignOut attempt returns.
+pub type UpstreamFuture<'a> = Pin<Box<dyn Future<Output = Result<SignedOut, UpstreamError>> + Send + 'a>>;
+
+/// The one thing the sign-out flow needs from Cognito: a seam, so that the
+/// flow's concurrency is tested on paused time with a fake behind it (the
+/// status mapping stays tested over the wire, against the real client).
+pub trait SignOutUpstream: std::fmt::Debug + Send + Sync {
+    /// One attempt, giving up after `timeout` however far it got.
+    fn global_sign_out<'a>(
+        &'a self,
+        pool: &'a UserPoolId,
+        username: &'a Username,
+        timeout: Duration,
+    ) -> UpstreamFuture<'a>;
+}
+
+impl SignOutUpstream for Cognito {
+    fn global_sign_out<'a>(
+        &'a self,
+        pool: &'a UserPoolId,
+        username: &'a Username,
+        timeout: Duration,
+    ) -> UpstreamFuture<'a> {
+        Box::pin(Cognito::global_sign_out(self, pool, username, timeout))
+    }
+}
+
 /// The Cognito client; cheap to clone (the SDK client is an `Arc` inside).
 #[derive(Debug, Clone)]
 pub struct Cognito {
@@ -84,13 +115,13 @@ impl Cognito {
         &self.client
     }
 
-    /// Makes one AdminUserGlobalSignOut attempt, giving up after `budget`
+    /// Makes one AdminUserGlobalSignOut attempt, giving up after `timeout`
     /// (the caller's remaining deadline) however far it got.
     pub async fn global_sign_out(
         &self,
         pool: &UserPoolId,
         username: &Username,
-        budget: Duration,
+        timeout: Duration,
     ) -> Result<SignedOut, UpstreamError> {
         let call = self
             .client
@@ -98,7 +129,7 @@ impl Cognito {
             .user_pool_id(pool.as_str())
             .username(username.expose())
             .send();
-        match tokio::time::timeout(budget, call).await {
+        match tokio::time::timeout(timeout, call).await {
             Ok(Ok(output)) => Ok(SignedOut {
                 aws_request_id: output.request_id().unwrap_or_default().to_owned(),
                 at: SystemTime::now(),

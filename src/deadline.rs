@@ -1,7 +1,7 @@
 //! The caller's deadline, read from the `grpc-timeout` header.
 //!
 //! tonic enforces that header itself, but answers CANCELLED when it fires. We
-//! want DEADLINE_EXCEEDED with our error details, so the upstream budget ends
+//! want DEADLINE_EXCEEDED with our error details, so the time allowed ends
 //! a little before the caller's deadline and the handler answers first.
 
 use std::time::Duration;
@@ -19,9 +19,9 @@ pub fn caller_timeout(metadata: &MetadataMap) -> Option<Duration> {
     parse_grpc_timeout(metadata.get(GRPC_TIMEOUT_HEADER)?.to_str().ok()?)
 }
 
-/// The time the upstream call may take: the configured limit, or less when
-/// the caller's deadline comes sooner.
-pub fn upstream_budget(configured: Duration, caller: Option<Duration>) -> Duration {
+/// The time a sign-out may take (queueing, attempts, pauses): the configured
+/// limit, or less when the caller's deadline comes sooner.
+pub fn time_allowed(configured: Duration, caller: Option<Duration>) -> Duration {
     match caller {
         Some(caller) => {
             let head_start = (caller / 20).min(MAX_HEAD_START);
@@ -75,25 +75,25 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_is_the_configured_limit_without_a_caller_deadline() {
+    fn the_time_allowed_is_the_configured_limit_without_a_caller_deadline() {
         assert_eq!(
-            upstream_budget(Duration::from_secs(5), None),
+            time_allowed(Duration::from_secs(5), None),
             Duration::from_secs(5)
         );
     }
 
     #[test]
     fn a_shorter_caller_deadline_wins_minus_a_head_start() {
-        let budget = upstream_budget(Duration::from_secs(5), Some(Duration::from_millis(300)));
-        assert_eq!(budget, Duration::from_millis(285));
-        let long = upstream_budget(Duration::from_secs(5), Some(Duration::from_secs(2)));
+        let allowed = time_allowed(Duration::from_secs(5), Some(Duration::from_millis(300)));
+        assert_eq!(allowed, Duration::from_millis(285));
+        let long = time_allowed(Duration::from_secs(5), Some(Duration::from_secs(2)));
         assert_eq!(long, Duration::from_millis(1980));
     }
 
     #[test]
     fn a_longer_caller_deadline_keeps_the_configured_limit() {
-        let budget = upstream_budget(Duration::from_secs(5), Some(Duration::from_secs(60)));
-        assert_eq!(budget, Duration::from_secs(5));
+        let allowed = time_allowed(Duration::from_secs(5), Some(Duration::from_secs(60)));
+        assert_eq!(allowed, Duration::from_secs(5));
     }
 
     #[test]

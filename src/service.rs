@@ -18,7 +18,7 @@ use crate::{
     metrics::Metrics,
     pools::PoolPolicy,
     proto::{GlobalSignOutRequest, GlobalSignOutResponse, session_service_server::SessionService},
-    signout::SignOutFlow,
+    signout::{JobCaller, SignOutCall, SignOutFlow},
     telemetry::{AccessNote, UserHasher},
 };
 
@@ -123,14 +123,21 @@ impl SessionApi {
         let username = self.users.log_usernames.then(|| request.username.expose());
         note.target(pool.as_str(), user_hash.clone(), username);
         self.callers.check(&caller, received)?;
-        let budget =
-            deadline::upstream_budget(self.upstream_timeout, deadline::caller_timeout(metadata));
-        let result = self
-            .flow
-            .sign_out(pool.clone(), request.username, received + budget)
-            .await;
-        audit(&caller, verified, pool.as_str(), &user_hash, &result);
-        result
+        let time_allowed =
+            deadline::time_allowed(self.upstream_timeout, deadline::caller_timeout(metadata));
+        // The flow audits every Cognito call it makes, whoever still waits.
+        self.flow
+            .sign_out(SignOutCall {
+                pool,
+                username: request.username,
+                user_hash,
+                caller: JobCaller {
+                    id: caller,
+                    verified,
+                },
+                deadline: received + time_allowed,
+            })
+            .await
     }
 
     /// The verified identity if there is one; else the caller-id header,
@@ -202,34 +209,6 @@ impl SessionService for SessionApi {
             }
         }
     }
-}
-
-/// "Who signed this user out": one record per caller whose sign-out reached
-/// Cognito (coalesced callers each get one, with the shared request id).
-fn audit(
-    caller: &CallerId,
-    verified: Option<IdentitySource>,
-    user_pool_id: &str,
-    user_hash: &str,
-    result: &Result<SignedOut, SignOutError>,
-) {
-    let (outcome, aws_request_id) = match result {
-        Ok(signed_out) => ("signed_out", Some(signed_out.aws_request_id.as_str())),
-        Err(SignOutError::Upstream(error)) => {
-            (error.outcome_label(), error.aws_request_id.as_deref())
-        }
-        Err(_) => return, // refused before Cognito: the access line tells
-    };
-    tracing::info!(
-        target: "audit",
-        caller = caller.as_str(),
-        caller_verified_by = verified.map_or("none", IdentitySource::as_str),
-        user_pool_id,
-        user_hash,
-        outcome,
-        aws_request_id,
-        "global sign-out"
-    );
 }
 
 /// Refusals by the policy are security events: the audit log names who

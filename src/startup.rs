@@ -6,7 +6,7 @@ mod security;
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use aws_config::SdkConfig;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, time::Instant};
 use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -81,6 +81,9 @@ pub enum StartupError {
     /// The embedded descriptor sets did not load (a build problem).
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The server itself failed while serving.
+    #[error("serving: {0}")]
+    Serve(#[source] tonic::transport::Error),
 }
 
 impl StartupError {
@@ -93,7 +96,7 @@ impl StartupError {
             | Self::Tls(_)
             | Self::Policy { .. }
             | Self::PolicyWithoutIdentity => 64,
-            Self::Bind { .. } | Self::Reflection(_) => 1,
+            Self::Bind { .. } | Self::Reflection(_) | Self::Serve(_) => 1,
         }
     }
 }
@@ -216,7 +219,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
-            cognito,
+            Arc::new(cognito),
             UpstreamBudget::start(config.budget()),
             max_in_flight,
             config.retry(),
@@ -298,7 +301,8 @@ impl Application {
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let lifecycle = self.lifecycle;
-        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel();
+        // Set when the drain delay is over: the end of the shutdown grace.
+        let (grace_end_tx, grace_end) = tokio::sync::watch::channel(None);
         let stop_accepting = {
             let health = health.clone();
             async move {
@@ -309,12 +313,12 @@ impl Application {
                 // and client; calls that arrive meanwhile are still served.
                 tokio::time::sleep(lifecycle.drain_delay).await;
                 tracing::info!("drain delay over: refusing new calls, finishing in-flight ones");
-                let _ = draining_tx.send(());
+                let _ = grace_end_tx.send(Some(Instant::now() + lifecycle.shutdown_grace));
             }
         };
 
         let metrics_stop =
-            spawn_metrics_server(self.metrics_listener, self.metrics.clone(), self.flow);
+            spawn_metrics_server(self.metrics_listener, self.metrics.clone(), self.flow.clone());
         let health_stop = self
             .health_listener
             .map(|(listener, _)| spawn_health_server(listener, health_service.clone()));
@@ -358,24 +362,34 @@ impl Application {
 
         // tonic waits for every connection to close, with no limit: an idle
         // keep-alive client or a Health/Watch stream would hold us forever.
-        let grace = lifecycle.shutdown_grace;
-        let grace_expired = async move {
-            if draining_rx.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(grace).await;
-        };
-        tokio::select! {
-            result = server => {
-                if let Err(error) = result {
-                    tracing::error!(%error, "server stopped with an error");
+        let grace_expired = {
+            let mut grace_end = grace_end.clone();
+            async move {
+                match grace_end.wait_for(Option::is_some).await.map(|end| *end) {
+                    Ok(Some(end)) => tokio::time::sleep_until(end).await,
+                    _ => std::future::pending::<()>().await,
                 }
-                tracing::info!("drained; exiting");
+            }
+        };
+        let mut result = Ok(());
+        tokio::select! {
+            served = server => {
+                match served {
+                    Ok(()) => tracing::info!("drained; exiting"),
+                    Err(error) => {
+                        tracing::error!(%error, "server stopped with an error");
+                        result = Err(StartupError::Serve(error));
+                    }
+                }
             }
             () = grace_expired => {
-                tracing::warn!(grace = ?grace, "shutdown grace ran out; closing remaining connections");
+                tracing::warn!(grace = ?lifecycle.shutdown_grace, "shutdown grace ran out; closing remaining connections");
             }
         }
+        // Sign-outs whose callers left may still be calling Cognito: they
+        // get what is left of the grace to finish and audit their calls.
+        let grace_end = grace_end.borrow().unwrap_or_else(Instant::now);
+        self.flow.shutdown(grace_end).await;
         let _ = metrics_stop.send(());
         if let Some(stop) = health_stop {
             let _ = stop.send(());
@@ -383,7 +397,7 @@ impl Application {
         for reloader in reloaders {
             reloader.abort();
         }
-        Ok(())
+        result
     }
 }
 

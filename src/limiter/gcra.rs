@@ -31,9 +31,21 @@ impl Gcra {
         }
     }
 
-    /// Changes the rate; permits already taken keep their spacing.
-    pub(crate) fn set_rate(&mut self, rate_per_sec: f64) {
-        self.interval = interval_for(rate_per_sec);
+    /// Changes the rate at `now`. The permits still outstanding (the part
+    /// of the burst in use) are rescaled to the new interval, so a lower
+    /// rate never frees burst: the tolerance `interval × (burst − 1)` grows
+    /// with the interval, and an unscaled TAT would conform at once permits
+    /// that did not conform before the change.
+    pub(crate) fn set_rate(&mut self, rate_per_sec: f64, now: Instant) {
+        let interval = interval_for(rate_per_sec);
+        if interval == self.interval {
+            return;
+        }
+        if self.tat > now {
+            let outstanding = (self.tat - now).div_duration_f64(self.interval);
+            self.tat = now + interval.mul_f64(outstanding);
+        }
+        self.interval = interval;
     }
 
     /// The earliest instant at or after `now` when one more permit conforms.
@@ -80,9 +92,16 @@ impl Gcra {
     }
 }
 
+/// Rates are bounded where they are parsed (see `config.rs`); the clamp
+/// only keeps an out-of-range rate from panicking here.
 fn interval_for(rate_per_sec: f64) -> Duration {
-    Duration::from_secs_f64(1.0 / rate_per_sec.max(f64::MIN_POSITIVE))
+    Duration::try_from_secs_f64(1.0 / rate_per_sec)
+        .unwrap_or(MAX_INTERVAL)
+        .clamp(Duration::from_nanos(1), MAX_INTERVAL)
 }
+
+/// The longest interval between permits: one a day.
+const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
 
 #[cfg(test)]
 mod tests {
@@ -152,9 +171,55 @@ mod tests {
     fn a_lower_rate_spaces_later_permits_further() {
         let now = Instant::now();
         let mut gcra = Gcra::new(10.0, 1, now);
-        gcra.set_rate(5.0);
+        gcra.set_rate(5.0, now);
         gcra.take(now);
 
         assert_eq!(gcra.next_free(now), now + Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_lower_rate_frees_no_burst() {
+        let now = Instant::now();
+        for spent in 0..=5 {
+            let mut gcra = Gcra::new(10.0, 5, now);
+            for _ in 0..spent {
+                gcra.take(now);
+            }
+            let conforming_before = conforming_at(&gcra, now);
+
+            gcra.set_rate(5.0, now);
+
+            assert_eq!(conforming_at(&gcra, now), conforming_before, "{spent} spent");
+        }
+    }
+
+    #[test]
+    fn a_rate_change_keeps_the_outstanding_permits() {
+        let now = Instant::now();
+        let mut gcra = Gcra::new(10.0, 5, now);
+        for _ in 0..5 {
+            gcra.take(now);
+        }
+        gcra.set_rate(5.0, now);
+        assert_eq!(gcra.next_free(now), now + Duration::from_millis(200));
+        gcra.set_rate(10.0, now);
+        assert_eq!(gcra.next_free(now), now + Duration::from_millis(100));
+    }
+
+    #[test]
+    fn absurd_rates_do_not_panic() {
+        let now = Instant::now();
+        for rate in [1e-300, 0.0, -1.0, f64::NAN, f64::INFINITY, 1e300] {
+            let mut gcra = Gcra::new(rate, 1, now);
+            let _ = gcra.try_take(now);
+            gcra.set_rate(rate, now);
+            let _ = gcra.free_after(now, 1000);
+        }
+    }
+
+    /// Permits that conform at `now`, taken one after another.
+    fn conforming_at(gcra: &Gcra, now: Instant) -> usize {
+        let mut gcra = gcra.clone();
+        std::iter::from_fn(|| gcra.try_take(now).ok()).take(100).count()
     }
 }

@@ -5,5 +5,7 @@ mod budget;
 mod callers;
 mod gcra;
 
-pub use budget::{BudgetSettings, RateLimitCause, RateLimited, UpstreamBudget};
+pub use budget::{
+    BudgetSettings, RateLimitCause, RateLimited, Reservation, ReservationDeadline, UpstreamBudget,
+};
 pub use callers::{CallerId, CallerLimits, CallerRateLimited, CallerSettings};

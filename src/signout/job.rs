@@ -1,0 +1,244 @@
+//! A coalesced sign-out: every caller that asked for the same (pool, user)
+//! while it waited for its permit. The job belongs to the task that runs
+//! it, not to any caller: it holds the latest of their deadlines, outlives
+//! callers that leave, and audits every Cognito call it makes.
+
+use std::{
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    io,
+};
+
+use tokio::{sync::watch, time::Instant};
+
+use super::SignOutFlow;
+use crate::{
+    cognito::SignedOut,
+    domain::{UserPoolId, Username},
+    error::{SignOutError, UpstreamError, UpstreamErrorKind},
+    identity::IdentitySource,
+    limiter::{CallerId, RateLimitCause, RateLimited, Reservation, ReservationDeadline},
+};
+
+pub(super) type Outcome = Result<SignedOut, SignOutError>;
+pub(super) type Key = (UserPoolId, Username);
+pub(super) type Subscription = watch::Receiver<Option<Outcome>>;
+
+/// A caller as the audit line names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobCaller {
+    /// The verified identity, or the self-declared id.
+    pub id: CallerId,
+    /// How the id was verified; `None` when it was only declared.
+    pub verified: Option<IdentitySource>,
+}
+
+#[derive(Debug)]
+pub(super) struct Job {
+    pub(super) key: Key,
+    user_hash: String,
+    /// When its first permit is expected: a joiner must be able to wait
+    /// that long.
+    slot: Instant,
+    /// Moves the reservation's deadline out as later callers join.
+    reservation: ReservationDeadline,
+    members: Mutex<Members>,
+    pub(super) outcome: watch::Sender<Option<Outcome>>,
+    /// Set once the first permit is granted: from then on the job is in
+    /// flight and nobody may join it.
+    started: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Members {
+    /// Distinct callers, in order of arrival, each with its request count.
+    callers: Vec<(JobCaller, usize)>,
+    /// The latest deadline of any caller: the job works until then.
+    deadline: Instant,
+}
+
+impl Job {
+    /// A job with its first caller, who is subscribed to the outcome.
+    pub(super) fn new(
+        key: Key,
+        user_hash: String,
+        caller: JobCaller,
+        deadline: Instant,
+        reservation: &Reservation,
+    ) -> (Arc<Self>, Subscription) {
+        let (outcome, subscription) = watch::channel(None);
+        let job = Arc::new(Self {
+            key,
+            user_hash,
+            slot: reservation.eta(),
+            reservation: reservation.deadline(),
+            members: Mutex::new(Members {
+                callers: vec![(caller, 1)],
+                deadline,
+            }),
+            outcome,
+            started: AtomicBool::new(reservation.is_granted()),
+        });
+        (job, subscription)
+    }
+
+    /// Adds a caller, or refuses it at once when its deadline comes before
+    /// the job's permit slot, exactly as the budget refuses any request.
+    /// Called under the queue's lock, while the job is still queued.
+    pub(super) fn join(
+        &self,
+        caller: JobCaller,
+        deadline: Instant,
+    ) -> Result<Subscription, RateLimited> {
+        let now = Instant::now();
+        if deadline < self.slot {
+            return Err(RateLimited {
+                retry_after: self.slot - now,
+                cause: RateLimitCause::WouldWaitTooLong,
+            });
+        }
+        let mut members = self.members();
+        match members.callers.iter_mut().find(|(known, _)| *known == caller) {
+            Some((_, requests)) => *requests += 1,
+            None => members.callers.push((caller, 1)),
+        }
+        if deadline > members.deadline {
+            members.deadline = deadline;
+            self.reservation.extend(deadline);
+        }
+        Ok(self.outcome.subscribe())
+    }
+
+    /// True once the job holds its first permit.
+    pub(super) fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    pub(super) fn start(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
+    /// The latest deadline of its callers.
+    pub(super) fn deadline(&self) -> Instant {
+        self.members().deadline
+    }
+
+    /// The audit line of one Cognito call: who asked (every caller that
+    /// joined, whether or not it still waits), for whom, and what happened.
+    pub(super) fn audit(&self, attempt: u32, outcome: &str, aws_request_id: Option<&str>) {
+        let members = self.members();
+        let Some((first, _)) = members.callers.first() else {
+            return;
+        };
+        let callers: Vec<&str> = members.callers.iter().map(|(c, _)| c.id.as_str()).collect();
+        let requests: usize = members.callers.iter().map(|(_, n)| n).sum();
+        tracing::info!(
+            target: "audit",
+            caller = first.id.as_str(),
+            caller_verified_by = first.verified.map_or("none", IdentitySource::as_str),
+            callers = ?callers,
+            requests,
+            user_pool_id = self.key.0.as_str(),
+            user_hash = self.user_hash.as_str(),
+            attempt,
+            outcome,
+            aws_request_id,
+            "global sign-out"
+        );
+    }
+
+    fn members(&self) -> MutexGuard<'_, Members> {
+        // Nothing panics while holding the lock; recover the data if it did.
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === impl SignOutFlow ===
+
+impl SignOutFlow {
+    /// Runs a job to its end: wait for the permit (unless it came at once),
+    /// then call Cognito, and tell every caller still waiting.
+    pub(super) async fn run(&self, job: Arc<Job>, reservation: Reservation) {
+        let waiting_since = Instant::now();
+        let granted = if reservation.is_granted() {
+            Ok(())
+        } else {
+            match self.wait_for_permit(&job, reservation).await {
+                Some(granted) => granted,
+                // Everyone left before the permit: no call, nothing to tell.
+                None => return,
+            }
+        };
+        let result = match granted {
+            Ok(()) => {
+                job.start();
+                let waited = waiting_since.elapsed();
+                self.inner.metrics.permit_wait.observe(waited.as_secs_f64());
+                tracing::debug!(
+                    wait_ms = waited.as_secs_f64() * 1000.0,
+                    "rate-limit permit granted"
+                );
+                self.call_with_retries(&job).await
+            }
+            Err(limited) => {
+                tracing::debug!(
+                    retry_after_ms = limited.retry_after.as_millis() as u64,
+                    "no rate-limit permit"
+                );
+                Err(limited.into())
+            }
+        };
+        job.outcome.send_replace(Some(result));
+    }
+
+    /// Waits for the job's first permit and takes it out of the queue, so
+    /// nobody joins a call in flight. `None` when every caller left first:
+    /// then the job leaves the queue and its slot is given up. Both happen
+    /// under the queue's lock, so nobody joins a job that is leaving.
+    async fn wait_for_permit(
+        &self,
+        job: &Arc<Job>,
+        reservation: Reservation,
+    ) -> Option<Result<(), RateLimited>> {
+        let granted = reservation.granted();
+        tokio::pin!(granted);
+        loop {
+            tokio::select! {
+                granted = &mut granted => {
+                    self.leave_queue(job);
+                    return Some(granted);
+                }
+                () = job.outcome.closed() => {
+                    let mut queued = self.queued();
+                    // Someone may have joined since the last caller left.
+                    if job.outcome.receiver_count() == 0 {
+                        remove_job(&mut queued, job);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn leave_queue(&self, job: &Arc<Job>) {
+        remove_job(&mut self.queued(), job);
+    }
+}
+
+/// Removes `job` from the queue, and only that job.
+fn remove_job(queued: &mut std::collections::HashMap<Key, Arc<Job>>, job: &Arc<Job>) {
+    if queued.get(&job.key).is_some_and(|q| Arc::ptr_eq(q, job)) {
+        queued.remove(&job.key);
+    }
+}
+
+/// What a caller gets if its job ended without an outcome (it panicked).
+pub(super) fn no_outcome() -> SignOutError {
+    UpstreamError::new(
+        UpstreamErrorKind::Unexpected,
+        io::Error::other("the sign-out task ended without an outcome"),
+    )
+    .into()
+}

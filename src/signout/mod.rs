@@ -1,0 +1,183 @@
+//! From a validated request to Cognito's answer. Duplicates of a sign-out
+//! that is still queued join it as one [`job`]; the job takes a permit from
+//! the shared budget for every attempt, bounds the calls in flight and
+//! retries what is worth retrying within the latest of its callers'
+//! deadlines ([`attempts`]).
+
+mod attempts;
+mod job;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+pub use self::{attempts::RetrySettings, job::JobCaller};
+use self::job::{Job, Key, Outcome};
+use crate::{
+    cognito::SignOutUpstream,
+    domain::{UserPoolId, Username},
+    error::{SignOutError, UpstreamError, UpstreamErrorKind},
+    limiter::{RateLimitCause, RateLimited, UpstreamBudget},
+    metrics::Metrics,
+};
+
+/// One caller's sign-out, as the handler hands it over.
+#[derive(Debug, Clone)]
+pub struct SignOutCall {
+    /// The pool, resolved and allowed.
+    pub pool: UserPoolId,
+    /// The user to sign out.
+    pub username: Username,
+    /// Keyed hash of the username, for the audit line.
+    pub user_hash: String,
+    /// Who asks, for the audit line.
+    pub caller: JobCaller,
+    /// When this caller stops waiting.
+    pub deadline: Instant,
+}
+
+/// Cheap to clone; clones share the budget, the queue and the bounds.
+#[derive(Debug, Clone)]
+pub struct SignOutFlow {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    upstream: Arc<dyn SignOutUpstream>,
+    budget: UpstreamBudget,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    retry: RetrySettings,
+    metrics: Arc<Metrics>,
+    /// Jobs still waiting for their first permit, by (pool, user): the only
+    /// ones a new caller may join.
+    queued: Mutex<HashMap<Key, Arc<Job>>>,
+    /// Every job task, so that shutdown can wait for them (their audit
+    /// lines) or, past the grace, end them.
+    jobs: TaskTracker,
+    abandon: CancellationToken,
+}
+
+impl SignOutFlow {
+    /// `max_in_flight` bounds the Cognito calls under way at once.
+    pub fn new(
+        upstream: Arc<dyn SignOutUpstream>,
+        budget: UpstreamBudget,
+        max_in_flight: usize,
+        retry: RetrySettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                upstream,
+                budget,
+                in_flight: Arc::new(Semaphore::new(max_in_flight)),
+                max_in_flight,
+                retry,
+                metrics,
+                queued: Mutex::default(),
+                jobs: TaskTracker::new(),
+                abandon: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Cognito calls under way now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.max_in_flight - self.inner.in_flight.available_permits()
+    }
+
+    /// The shared budget (for metrics and tests).
+    pub fn budget(&self) -> &UpstreamBudget {
+        &self.inner.budget
+    }
+
+    /// Signs the user out, giving up at the call's deadline. A duplicate of
+    /// a queued sign-out joins it when its deadline fits the job's permit
+    /// slot, and is refused at once (RATE_LIMITED) when it does not.
+    pub async fn sign_out(&self, call: SignOutCall) -> Outcome {
+        let deadline = call.deadline;
+        let (job, mut outcome) = self.join_or_lead(call)?;
+        match tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some)).await {
+            Ok(Ok(done)) => done.clone().unwrap_or_else(|| Err(job::no_outcome())),
+            // The job's task ended without an outcome: only if it panicked.
+            Ok(Err(_)) => Err(job::no_outcome()),
+            // Still queued: the permit came later than estimated (the rate
+            // dropped), which is a rate limit, not an upstream timeout.
+            Err(_) if !job.started() => Err(RateLimited {
+                retry_after: self.inner.budget.estimated_wait(),
+                cause: RateLimitCause::WouldWaitTooLong,
+            }
+            .into()),
+            Err(elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout, elapsed).into()),
+        }
+    }
+
+    /// Waits for the jobs under way (their Cognito calls and audit lines)
+    /// until `deadline`, then ends the rest, which audit themselves as
+    /// abandoned. New sign-outs should have stopped arriving.
+    pub async fn shutdown(&self, deadline: Instant) {
+        let jobs = &self.inner.jobs;
+        jobs.close();
+        if tokio::time::timeout_at(deadline, jobs.wait()).await.is_err() {
+            tracing::warn!(
+                jobs = jobs.len(),
+                "shutdown grace over: abandoning sign-outs still under way"
+            );
+            self.inner.abandon.cancel();
+            jobs.wait().await;
+        }
+    }
+
+    /// Joins the queued job of the same user, or starts a new one. Under the
+    /// queue's lock, so a job never leaves the queue while someone joins it.
+    fn join_or_lead(&self, call: SignOutCall) -> Result<(Arc<Job>, job::Subscription), SignOutError> {
+        let key = (call.pool, call.username);
+        let mut queued = self.queued();
+        if let Some(job) = queued.get(&key) {
+            let subscription = job.join(call.caller, call.deadline)?;
+            return Ok((job.clone(), subscription));
+        }
+        let reservation = self.inner.budget.reserve(Some(call.deadline))?;
+        let (job, subscription) =
+            Job::new(key.clone(), call.user_hash, call.caller, call.deadline, &reservation);
+        // A permit granted at once means the call is as good as in flight:
+        // nobody may join it (a token minted after Cognito processed it
+        // would survive it).
+        if !reservation.is_granted() {
+            queued.insert(key, job.clone());
+        }
+        drop(queued);
+        let flow = self.clone();
+        let lead = job.clone();
+        // A task of its own, so the job survives its callers leaving;
+        // traced under the first caller's RPC span.
+        self.inner.jobs.spawn(
+            async move {
+                tokio::select! {
+                    () = flow.run(lead, reservation) => {}
+                    () = flow.inner.abandon.cancelled() => {}
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+        Ok((job, subscription))
+    }
+
+    fn queued(&self) -> MutexGuard<'_, HashMap<Key, Arc<Job>>> {
+        // Nothing panics while holding the lock; recover the data if it did.
+        self.inner
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
