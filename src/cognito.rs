@@ -58,7 +58,8 @@ pub struct SignedOut {
 }
 
 /// What an AdminUserGlobalSignOut attempt returns.
-pub type UpstreamFuture<'a> = Pin<Box<dyn Future<Output = Result<SignedOut, UpstreamError>> + Send + 'a>>;
+pub type UpstreamFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<SignedOut, UpstreamError>> + Send + 'a>>;
 
 /// The one thing the sign-out flow needs from Cognito: a seam, so that the
 /// flow's concurrency is tested on paused time with a fake behind it (the

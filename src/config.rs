@@ -278,10 +278,18 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// Rates outside this range are typos: below it a permit comes less than
+/// once in 16 minutes, above it the limiter would not limit anything real.
+const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
+
 fn parse_rate(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err("must be a number of requests per second above 0".into()),
+        Ok(rate) if RATE_RANGE.contains(&rate) => Ok(rate),
+        _ => Err(format!(
+            "must be a number of requests per second from {} to {}",
+            RATE_RANGE.start(),
+            RATE_RANGE.end()
+        )),
     }
 }
 
@@ -356,6 +364,11 @@ mod tests {
             &["--upstream-max-attempts", "0"],
             &["--rate-limit-rps", "0"],
             &["--rate-limit-rps", "NaN"],
+            &["--rate-limit-rps", "1e-300"],
+            &["--rate-limit-rps", "1e7"],
+            &["--per-caller-rps", "1e-300"],
+            &["--per-caller-rps-overrides", "billing=1e-300"],
+            &["--per-caller-rps-overrides", "billing=inf"],
             &["--rate-limit-burst", "0"],
             &["--caller-id-header", "X-Caller-Id"],
             &["--caller-id-header", "grpc-timeout"],

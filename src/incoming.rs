@@ -29,7 +29,7 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// After an accept error (out of file descriptors, typically), wait this long
 /// rather than spin on the same error.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// One accepted connection.
 #[derive(Debug)]

@@ -44,6 +44,7 @@ async fn main() -> ExitCode {
             }
         };
     let (log_writer, _flush_logs_on_exit) = telemetry::stdout_writer();
+    let log_drops = log_writer.error_counter();
     telemetry::init(telemetry::subscriber(
         config.log_format,
         "info",
@@ -66,13 +67,14 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let app = match Application::build(&config, &sdk_config).await {
+    let mut app = match Application::build(&config, &sdk_config).await {
         Ok(app) => app,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(error.exit_code());
         }
     };
+    app.count_log_drops(log_drops);
     let result = app.run_until_stopped(startup::shutdown_signal()).await;
     // Export the spans still buffered.
     if let Some(provider) = tracer_provider

@@ -11,8 +11,8 @@ use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -42,6 +42,7 @@ pub struct Metrics {
     queue_depth: IntGauge,
     in_flight: IntGauge,
     current_rate: Gauge,
+    log_lines_dropped: IntCounter,
 }
 
 /// Values sampled at scrape time.
@@ -53,6 +54,8 @@ pub struct Sampled {
     pub in_flight: usize,
     /// The budget's rate now (below the configured one after throttling).
     pub current_rate: f64,
+    /// Log lines dropped so far because stdout could not keep up.
+    pub log_lines_dropped: u64,
 }
 
 impl Metrics {
@@ -137,6 +140,14 @@ impl Metrics {
         registry
             .register(Box::new(current_rate.clone()))
             .expect("unique name");
+        let log_lines_dropped = IntCounter::new(
+            "session_log_lines_dropped_total",
+            "Log lines dropped because standard output could not keep up (audit lines included).",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(log_lines_dropped.clone()))
+            .expect("unique name");
         let build_info = IntGaugeVec::new(
             Opts::new("session_build_info", "Always 1; the labels name the build."),
             &["version"],
@@ -160,6 +171,7 @@ impl Metrics {
             queue_depth,
             in_flight,
             current_rate,
+            log_lines_dropped,
         }
     }
 
@@ -170,6 +182,10 @@ impl Metrics {
         self.in_flight
             .set(i64::try_from(sampled.in_flight).unwrap_or(i64::MAX));
         self.current_rate.set(sampled.current_rate);
+        // The writer keeps its own total; the counter catches up to it.
+        let dropped = sampled.log_lines_dropped;
+        self.log_lines_dropped
+            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
         let mut text = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut text);
@@ -197,8 +213,15 @@ pub async fn serve_metrics<F>(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => return,
         };
-        let Ok((stream, _)) = accepted else {
-            continue;
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            // Out of file descriptors, typically: retrying at once would
+            // spin a core; pause as the gRPC listener does.
+            Err(error) => {
+                tracing::warn!(%error, "metrics listener: accept failed");
+                tokio::time::sleep(crate::incoming::ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
         };
         let render = render.clone();
         tokio::spawn(async move {
@@ -244,12 +267,14 @@ mod tests {
             queue_depth: 3,
             in_flight: 2,
             current_rate: 10.0,
+            log_lines_dropped: 7,
         });
         for line in [
             "session_rate_limit_rejections_total{reason=\"RATE_LIMITED\"} 1",
             "session_rate_limit_queue_depth 3",
             "session_cognito_in_flight 2",
             "session_rate_limit_rate_per_second 10",
+            "session_log_lines_dropped_total 7",
             "session_build_info{version=\"",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -9,6 +9,7 @@ use aws_config::SdkConfig;
 use tokio::{net::TcpListener, time::Instant};
 use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing_appender::non_blocking::ErrorCounter;
 
 pub use self::security::Loaded;
 use self::security::{load_policy, load_tls, log_security_posture, policy_reload, tls_reload};
@@ -173,6 +174,7 @@ pub struct Application {
     flow: SignOutFlow,
     api: SessionApi,
     lifecycle: Lifecycle,
+    log_drops: Option<ErrorCounter>,
 }
 
 /// Connection and shutdown timings, from the flags.
@@ -269,7 +271,13 @@ impl Application {
                 max_header_list_size: security.max_header_list_size,
                 reload_interval: security.reload_interval,
             },
+            log_drops: None,
         })
+    }
+
+    /// Exports the log writer's count of dropped lines with the metrics.
+    pub fn count_log_drops(&mut self, counter: ErrorCounter) {
+        self.log_drops = Some(counter);
     }
 
     /// The address actually bound (the real port when `--listen` said 0).
@@ -317,8 +325,12 @@ impl Application {
             }
         };
 
-        let metrics_stop =
-            spawn_metrics_server(self.metrics_listener, self.metrics.clone(), self.flow.clone());
+        let metrics_stop = spawn_metrics_server(
+            self.metrics_listener,
+            self.metrics.clone(),
+            self.flow.clone(),
+            self.log_drops,
+        );
         let health_stop = self
             .health_listener
             .map(|(listener, _)| spawn_health_server(listener, health_service.clone()));
@@ -415,6 +427,7 @@ fn spawn_metrics_server(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     flow: SignOutFlow,
+    log_drops: Option<ErrorCounter>,
 ) -> tokio::sync::oneshot::Sender<()> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
@@ -422,6 +435,7 @@ fn spawn_metrics_server(
             queue_depth: flow.budget().queue_depth(),
             in_flight: flow.in_flight(),
             current_rate: flow.budget().current_rate(),
+            log_lines_dropped: log_drops.as_ref().map_or(0, |c| c.dropped_lines() as u64),
         })
     });
     tokio::spawn(crate::metrics::serve_metrics(listener, render, async {

@@ -482,6 +482,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_deadline_in_the_same_tick_as_the_slot_still_gets_the_permit() {
+        let budget = budget(10.0, 1, 10);
+        let start = Instant::now();
+        budget.acquire(None).await.expect("burst");
+
+        budget
+            .acquire(Some(start + 100 * MS))
+            .await
+            .expect("the slot is at the deadline itself");
+
+        assert_eq!(start.elapsed(), 100 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_deadline_before_the_next_permit_is_refused_at_once_with_the_wait() {
         let budget = budget(10.0, 1, 10);
         let start = Instant::now();

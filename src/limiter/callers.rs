@@ -102,10 +102,20 @@ pub struct CallerLimits {
 
 #[derive(Debug, Default)]
 struct Table {
+    /// Callers at the default rate, at most `max_tracked`.
     cells: HashMap<CallerId, Gcra>,
-    /// Shared by new callers while the table is full of active ones, so
-    /// random ids cannot grow memory (and gain nothing: they share a rate).
+    /// Callers named in the overrides: configured, so few, and always
+    /// tracked, never pushed into the overflow cell.
+    overridden: HashMap<CallerId, Gcra>,
+    /// Shared, at the default rate, by new callers while the table is full
+    /// of active ones, so random ids cannot grow memory (and gain nothing:
+    /// they share one allowance).
     overflow: Option<Gcra>,
+    /// No tracked cell goes idle before this: while the table is full, new
+    /// ids skip the sweep until then instead of each scanning every cell.
+    next_sweep: Option<Instant>,
+    /// Sweeps so far (tests count them).
+    sweeps: usize,
 }
 
 impl CallerLimits {
@@ -119,26 +129,33 @@ impl CallerLimits {
 
     /// Takes one request from `caller`'s allowance.
     pub fn check(&self, caller: &CallerId, now: Instant) -> Result<(), CallerRateLimited> {
-        let Some(rate) = self.rate_for(caller) else {
-            return Ok(());
-        };
-        let new_cell = || Gcra::new(rate, self.burst_for(rate), now);
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         let table = &mut *table;
-        if !table.cells.contains_key(caller) && table.cells.len() >= self.settings.max_tracked {
-            table.cells.retain(|_, cell| !cell.is_idle(now));
-        }
-        let cell =
-            if table.cells.contains_key(caller) || table.cells.len() < self.settings.max_tracked {
+        let cell = if let Some(rate) = self.override_for(caller) {
+            table
+                .overridden
+                .entry(caller.clone())
+                .or_insert_with(|| Gcra::new(rate, self.burst_for(rate), now))
+        } else {
+            let Some(rate) = self.settings.rate_per_sec else {
+                return Ok(());
+            };
+            let new_cell = || Gcra::new(rate, self.burst_for(rate), now);
+            let full = |table: &Table| table.cells.len() >= self.settings.max_tracked;
+            if !table.cells.contains_key(caller) && full(table) {
+                table.sweep(now);
+            }
+            if table.cells.contains_key(caller) || !full(table) {
                 table.cells.entry(caller.clone()).or_insert_with(new_cell)
             } else {
                 table.overflow.get_or_insert_with(new_cell)
-            };
+            }
+        };
         cell.try_take(now)
             .map_err(|retry_after| CallerRateLimited { retry_after })
     }
 
-    /// Callers currently tracked.
+    /// Callers currently tracked at the default rate.
     pub fn tracked(&self) -> usize {
         self.table
             .lock()
@@ -147,18 +164,37 @@ impl CallerLimits {
             .len()
     }
 
-    fn rate_for(&self, caller: &CallerId) -> Option<f64> {
+    fn override_for(&self, caller: &CallerId) -> Option<f64> {
         self.settings
             .overrides
             .iter()
             .find(|(id, _)| id == caller)
             .map(|(_, rate)| *rate)
-            .or(self.settings.rate_per_sec)
     }
 
     fn burst_for(&self, rate: f64) -> u32 {
         // One second's worth by default, and at least one request.
         self.settings.burst.unwrap_or(rate.ceil() as u32).max(1)
+    }
+}
+
+impl Table {
+    /// Forgets idle callers, unless none can be idle yet.
+    fn sweep(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|at| now < at) {
+            return;
+        }
+        self.sweeps += 1;
+        let mut earliest_idle: Option<Instant> = None;
+        self.cells.retain(|_, cell| {
+            let idle_at = cell.idle_at();
+            let keep = idle_at > now;
+            if keep {
+                earliest_idle = Some(earliest_idle.map_or(idle_at, |e| e.min(idle_at)));
+            }
+            keep
+        });
+        self.next_sweep = earliest_idle;
     }
 }
 
@@ -267,6 +303,53 @@ mod tests {
         limits
             .check(&caller("known-3"), later)
             .expect("a known caller keeps its own cell");
+    }
+
+    #[test]
+    fn a_full_table_of_active_callers_is_swept_once_not_for_every_new_id() {
+        let limits = limited(1.0, 1, 100);
+        let now = Instant::now();
+        for i in 0..100 {
+            limits
+                .check(&caller(&format!("known-{i}")), now)
+                .expect("tracked");
+        }
+
+        for i in 0..1000 {
+            let _ = limits.check(&caller(&format!("random-{i}")), now);
+        }
+
+        let table = limits.table.lock().expect("not poisoned");
+        assert_eq!(table.sweeps, 1, "nothing could be idle before 1 s");
+        drop(table);
+        let later = now + Duration::from_secs(1);
+        limits
+            .check(&caller("newcomer"), later)
+            .expect("idle callers swept once they can be");
+        assert_eq!(limits.table.lock().expect("not poisoned").sweeps, 2);
+    }
+
+    #[test]
+    fn the_overflow_cell_has_the_default_rate_whoever_arrives_first() {
+        let limits = CallerLimits::new(CallerSettings {
+            rate_per_sec: Some(1.0),
+            burst: None,
+            overrides: vec![(caller("batch"), 100.0)],
+            max_tracked: 1,
+        });
+        let now = Instant::now();
+        limits.check(&caller("known"), now).expect("tracked");
+
+        // An overridden caller arriving at a full table keeps its own rate
+        // and does not lend it to the overflow cell.
+        for _ in 0..100 {
+            limits.check(&caller("batch"), now).expect("its own burst");
+        }
+        let refused = (0..10)
+            .filter(|i| limits.check(&caller(&format!("random-{i}")), now).is_err())
+            .count();
+
+        assert_eq!(refused, 9, "random ids share one cell at the default rate");
     }
 
     #[test]

@@ -71,9 +71,9 @@ impl Gcra {
         at
     }
 
-    /// True when the cell is back to a full burst: forgetting it loses nothing.
-    pub(crate) fn is_idle(&self, now: Instant) -> bool {
-        self.tat <= now
+    /// When the cell is back to a full burst: forgetting it then loses nothing.
+    pub(crate) fn idle_at(&self) -> Instant {
+        self.tat
     }
 
     /// Takes a permit now if one conforms; else says how long until one does.
@@ -189,7 +189,11 @@ mod tests {
 
             gcra.set_rate(5.0, now);
 
-            assert_eq!(conforming_at(&gcra, now), conforming_before, "{spent} spent");
+            assert_eq!(
+                conforming_at(&gcra, now),
+                conforming_before,
+                "{spent} spent"
+            );
         }
     }
 
@@ -220,6 +224,8 @@ mod tests {
     /// Permits that conform at `now`, taken one after another.
     fn conforming_at(gcra: &Gcra, now: Instant) -> usize {
         let mut gcra = gcra.clone();
-        std::iter::from_fn(|| gcra.try_take(now).ok()).take(100).count()
+        std::iter::from_fn(|| gcra.try_take(now).ok())
+            .take(100)
+            .count()
     }
 }

@@ -167,7 +167,10 @@ impl Drop for AuditOnDrop<'_> {
 fn deadline_passed() -> UpstreamError {
     UpstreamError::new(
         UpstreamErrorKind::Timeout,
-        std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed before the call"),
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "deadline passed before the call",
+        ),
     )
 }
 

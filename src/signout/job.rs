@@ -4,11 +4,11 @@
 //! callers that leave, and audits every Cognito call it makes.
 
 use std::{
+    io,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    io,
 };
 
 use tokio::{sync::watch, time::Instant};
@@ -100,7 +100,11 @@ impl Job {
             });
         }
         let mut members = self.members();
-        match members.callers.iter_mut().find(|(known, _)| *known == caller) {
+        match members
+            .callers
+            .iter_mut()
+            .find(|(known, _)| *known == caller)
+        {
             Some((_, requests)) => *requests += 1,
             None => members.callers.push((caller, 1)),
         }

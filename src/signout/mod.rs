@@ -18,8 +18,8 @@ use tokio::{sync::Semaphore, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-pub use self::{attempts::RetrySettings, job::JobCaller};
 use self::job::{Job, Key, Outcome};
+pub use self::{attempts::RetrySettings, job::JobCaller};
 use crate::{
     cognito::SignOutUpstream,
     domain::{UserPoolId, Username},
@@ -127,7 +127,10 @@ impl SignOutFlow {
     pub async fn shutdown(&self, deadline: Instant) {
         let jobs = &self.inner.jobs;
         jobs.close();
-        if tokio::time::timeout_at(deadline, jobs.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, jobs.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 jobs = jobs.len(),
                 "shutdown grace over: abandoning sign-outs still under way"
@@ -139,7 +142,10 @@ impl SignOutFlow {
 
     /// Joins the queued job of the same user, or starts a new one. Under the
     /// queue's lock, so a job never leaves the queue while someone joins it.
-    fn join_or_lead(&self, call: SignOutCall) -> Result<(Arc<Job>, job::Subscription), SignOutError> {
+    fn join_or_lead(
+        &self,
+        call: SignOutCall,
+    ) -> Result<(Arc<Job>, job::Subscription), SignOutError> {
         let key = (call.pool, call.username);
         let mut queued = self.queued();
         if let Some(job) = queued.get(&key) {
@@ -147,8 +153,13 @@ impl SignOutFlow {
             return Ok((job.clone(), subscription));
         }
         let reservation = self.inner.budget.reserve(Some(call.deadline))?;
-        let (job, subscription) =
-            Job::new(key.clone(), call.user_hash, call.caller, call.deadline, &reservation);
+        let (job, subscription) = Job::new(
+            key.clone(),
+            call.user_hash,
+            call.caller,
+            call.deadline,
+            &reservation,
+        );
         // A permit granted at once means the call is as good as in flight:
         // nobody may join it (a token minted after Cognito processed it
         // would survive it).
@@ -180,4 +191,3 @@ impl SignOutFlow {
             .unwrap_or_else(PoisonError::into_inner)
     }
 }
-

@@ -142,7 +142,11 @@ async fn a_joiner_keeps_its_own_longer_deadline_behind_a_short_leader() {
     assert!(matches!(leader, SignOutError::Upstream(e) if e.kind == UpstreamErrorKind::Timeout));
     let calls = upstream.calls();
     assert_eq!(calls.len(), 1, "one call for both");
-    assert_eq!(calls[0].1, Duration::from_millis(4900), "the joiner's time left");
+    assert_eq!(
+        calls[0].1,
+        Duration::from_millis(4900),
+        "the joiner's time left"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -152,7 +156,10 @@ async fn a_joiner_whose_deadline_comes_before_the_slot_is_refused_at_once() {
     let start = Instant::now();
     let leader = tokio::spawn({
         let flow = flow.clone();
-        async move { flow.sign_out(call("alice", "web", start + Duration::from_secs(5))).await }
+        async move {
+            flow.sign_out(call("alice", "web", start + Duration::from_secs(5)))
+                .await
+        }
     });
     tokio::task::yield_now().await;
 
@@ -249,7 +256,10 @@ async fn a_caller_still_queued_at_its_deadline_is_rate_limited() {
     flow.budget().on_throttled();
     let refused = waiting.await.expect("task").expect_err("no permit in time");
 
-    assert!(matches!(refused, SignOutError::RateLimited(_)), "{refused:?}");
+    assert!(
+        matches!(refused, SignOutError::RateLimited(_)),
+        "{refused:?}"
+    );
     assert!(upstream.calls().is_empty());
 }
 
@@ -261,7 +271,10 @@ struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Captured {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("not poisoned").extend_from_slice(bytes);
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .extend_from_slice(bytes);
         Ok(bytes.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -300,7 +313,10 @@ async fn a_call_every_caller_left_after_its_permit_is_audited_naming_them_all() 
     let flow = flow_with_spent_burst(upstream.clone(), 10.0).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut callers = Vec::new();
-    for (caller, verified) in [("web", Some(IdentitySource::ClientCertificate)), ("batch", None)] {
+    for (caller, verified) in [
+        ("web", Some(IdentitySource::ClientCertificate)),
+        ("batch", None),
+    ] {
         let mut sign_out = call("alice", caller, deadline);
         sign_out.caller.verified = verified;
         let flow = flow.clone();
@@ -356,7 +372,10 @@ async fn every_attempt_is_audited_and_a_call_cut_off_at_shutdown_says_so() {
     let start = Instant::now();
     let caller = tokio::spawn({
         let flow = flow.clone();
-        async move { flow.sign_out(call("alice", "web", start + Duration::from_secs(30))).await }
+        async move {
+            flow.sign_out(call("alice", "web", start + Duration::from_secs(30)))
+                .await
+        }
     });
     // The first attempt fails at 1 s; the retry is under way at 1.5 s.
     while upstream.calls().len() < 2 {
@@ -369,7 +388,12 @@ async fn every_attempt_is_audited_and_a_call_cut_off_at_shutdown_says_so() {
     let outcomes: Vec<_> = logs
         .audit_lines()
         .iter()
-        .map(|line| (line["attempt"].as_u64(), line["outcome"].as_str().map(str::to_owned)))
+        .map(|line| {
+            (
+                line["attempt"].as_u64(),
+                line["outcome"].as_str().map(str::to_owned),
+            )
+        })
         .collect();
     assert_eq!(
         outcomes,

@@ -111,8 +111,12 @@ where
 
 /// Standard output for log lines, written by a thread of its own so that
 /// the write(2) calls leave the request path; under load one call carries
-/// many lines. Lossless: when 8192 lines are waiting, callers wait too.
-/// Keep the guard until exit: dropping it flushes what is still queued.
+/// many lines. Bounded and lossy: when 8192 lines wait (stdout stalled, the
+/// node's log pipe full), new lines are dropped and counted
+/// (`session_log_lines_dropped_total`) rather than blocking the tokio
+/// workers, which would stall every call, health check and scrape until the
+/// pod is killed for it. Keep the guard until exit: dropping it flushes what
+/// is still queued.
 pub fn stdout_writer() -> (NonBlocking, WorkerGuard) {
     // A buffered handle on fd 1: `io::stdout()` itself flushes every line.
     // The worker flushes after each batch, so nothing waits in the buffer.
@@ -124,10 +128,13 @@ pub fn stdout_writer() -> (NonBlocking, WorkerGuard) {
     // The queue's slots are allocated up front: the default 128k lines
     // cost 4 MiB of resident memory (measured), 8192 cost 256 KiB.
     NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(8192)
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
         .finish(out)
 }
+
+/// Lines the log writer holds before it drops new ones.
+pub const LOG_QUEUE_LINES: usize = 8192;
 
 /// Installs `subscriber` for the whole process; call once, at start.
 pub fn init(subscriber: Box<dyn Subscriber + Send + Sync>) {

@@ -16,6 +16,7 @@ use opentelemetry::{
     trace::TraceContextExt,
 };
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use prost::Message;
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::{Instrument, field::Empty};
@@ -63,12 +64,52 @@ impl AccessNote {
 #[derive(Debug, Clone)]
 pub struct RpcTelemetryLayer {
     metrics: Arc<Metrics>,
+    methods: Arc<ApiMethods>,
 }
 
 impl RpcTelemetryLayer {
     /// Records RPC durations into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            methods: Arc::new(ApiMethods::from_descriptors(
+                crate::proto::FILE_DESCRIPTOR_SET,
+            )),
+        }
+    }
+}
+
+/// The methods our protos declare, as (service, method) names: a handful,
+/// so a list beats a map.
+#[derive(Debug, Default)]
+struct ApiMethods(Vec<(String, &'static str)>);
+
+impl ApiMethods {
+    /// The methods of every service in an encoded `FileDescriptorSet`. The
+    /// names are leaked once, at start, so labels are `&'static str`.
+    fn from_descriptors(encoded: &[u8]) -> Self {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
+            return Self::default();
+        };
+        let mut methods = Vec::new();
+        for file in &set.file {
+            for service in &file.service {
+                let service_name = format!("{}.{}", file.package(), service.name());
+                for method in &service.method {
+                    let name: &'static str = Box::leak(method.name().to_owned().into_boxed_str());
+                    methods.push((service_name.clone(), name));
+                }
+            }
+        }
+        Self(methods)
+    }
+
+    /// `method` when the proto declares it on `service`, else "unknown".
+    fn label(&self, service: &str, method: &str) -> &'static str {
+        self.0
+            .iter()
+            .find(|(s, m)| s == service && *m == method)
+            .map_or("unknown", |(_, m)| *m)
     }
 }
 
@@ -79,6 +120,7 @@ impl<S> Layer<S> for RpcTelemetryLayer {
         RpcTelemetry {
             inner,
             metrics: self.metrics.clone(),
+            methods: self.methods.clone(),
             propagator: Arc::new(TextMapCompositePropagator::new(vec![
                 Box::new(TraceContextPropagator::new()),
                 Box::new(BaggagePropagator::new()),
@@ -92,6 +134,7 @@ impl<S> Layer<S> for RpcTelemetryLayer {
 pub struct RpcTelemetry<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    methods: Arc<ApiMethods>,
     propagator: Arc<TextMapCompositePropagator>,
 }
 
@@ -116,19 +159,23 @@ where
         // The clone is not ready; the instance that was polled ready is.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let path = request.uri().path().to_owned();
-        let Some((service, method)) = api_method(&path) else {
+        let path = request.uri().path();
+        let Some((service, method)) = api_method(path) else {
             return Box::pin(inner.call(request));
         };
+        // Only methods the proto declares become labels; any other path
+        // under our prefix (UNIMPLEMENTED) is "unknown", so callers cannot
+        // mint label values.
+        let method = self.methods.label(service, method);
         let parent = self.propagator.extract(&HeaderExtractor(request.headers()));
         let span = tracing::info_span!(
             "rpc",
-            otel.name = %&path[1..],
+            otel.name = %format_args!("{service}/{method}"),
             otel.kind = "server",
             otel.status_code = Empty,
             rpc.system = "grpc",
             rpc.service = %service,
-            rpc.method = %method,
+            rpc.method = method,
             rpc.grpc.status_code = Empty,
             caller.id = Empty,
             caller.verified = Empty,
@@ -137,9 +184,14 @@ where
         let _ = span.set_parent(parent.clone());
         let note = AccessNote::default();
         request.extensions_mut().insert(note.clone());
-        let metrics = self.metrics.clone();
-        let started = Instant::now();
-        let method = method.to_owned();
+        let mut record = CallRecord {
+            metrics: self.metrics.clone(),
+            method,
+            started: Instant::now(),
+            note,
+            parent,
+            recorded: false,
+        };
         let call = inner.call(request);
         Box::pin(
             async move {
@@ -148,33 +200,65 @@ where
                     Ok(response) => grpc_status(response.headers()),
                     Err(_) => Code::Unknown,
                 };
-                let span = tracing::Span::current();
-                span.record("rpc.grpc.status_code", code as i32);
-                if is_server_fault(code) {
-                    span.record("otel.status_code", "ERROR");
-                }
-                let elapsed = started.elapsed();
-                metrics
-                    .rpc_duration
-                    .with_label_values(&[method.as_str(), code_name(code)])
-                    .observe(elapsed.as_secs_f64());
-                let trace_id = [span.context(), parent]
-                    .iter()
-                    .map(|cx| cx.span().span_context().clone())
-                    .find(|sc| sc.is_valid())
-                    .map(|sc| sc.trace_id().to_string())
-                    .unwrap_or_default();
-                access_line(
-                    &method,
-                    code,
-                    elapsed.as_secs_f64() * 1000.0,
-                    &trace_id,
-                    &note,
-                );
+                record.finish(code);
                 response
             }
             .instrument(span),
         )
+    }
+}
+
+/// The metric and access line of one call, written when the call ends or,
+/// if the call is dropped first, when it is dropped. tonic's own
+/// `grpc-timeout` layer sits outside every layer we add and drops the call
+/// when the caller's deadline passes, and hyper drops it when the client
+/// resets the stream: either way the caller was told CANCELLED (or nothing),
+/// and the call is still counted and logged as such.
+struct CallRecord {
+    metrics: Arc<Metrics>,
+    method: &'static str,
+    started: Instant,
+    note: AccessNote,
+    parent: opentelemetry::Context,
+    recorded: bool,
+}
+
+impl CallRecord {
+    fn finish(&mut self, code: Code) {
+        self.recorded = true;
+        let span = tracing::Span::current();
+        span.record("rpc.grpc.status_code", code as i32);
+        if is_server_fault(code) {
+            span.record("otel.status_code", "ERROR");
+        }
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .rpc_duration
+            .with_label_values(&[self.method, code_name(code)])
+            .observe(elapsed.as_secs_f64());
+        let trace_id = [span.context(), self.parent.clone()]
+            .iter()
+            .map(|cx| cx.span().span_context().clone())
+            .find(|sc| sc.is_valid())
+            .map(|sc| sc.trace_id().to_string())
+            .unwrap_or_default();
+        access_line(
+            self.method,
+            code,
+            elapsed.as_secs_f64() * 1000.0,
+            &trace_id,
+            &self.note,
+        );
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        if !self.recorded {
+            // `Instrumented` drops the call inside its span, so this line
+            // and these fields still belong to the RPC span.
+            self.finish(Code::Cancelled);
+        }
     }
 }
 
@@ -291,6 +375,26 @@ mod tests {
             api_method("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
             None
         );
+    }
+
+    #[test]
+    fn only_declared_methods_become_labels() {
+        let methods = ApiMethods::from_descriptors(crate::proto::FILE_DESCRIPTOR_SET);
+        assert_eq!(
+            methods.label("session.v1.SessionService", "GlobalSignOut"),
+            "GlobalSignOut"
+        );
+        for (service, method) in [
+            ("session.v1.SessionService", "Nope"),
+            ("session.v1.Other", "GlobalSignOut"),
+            ("session.v1.SessionService", "globalsignout"),
+        ] {
+            assert_eq!(
+                methods.label(service, method),
+                "unknown",
+                "{service}/{method}"
+            );
+        }
     }
 
     #[test]

@@ -206,20 +206,77 @@ fn prestop_drain_and_grace_fit_in_the_termination_grace_period() {
     }
 }
 
+/// Requests per second of the account's UserUpdate quota left to everyone
+/// else (the console, admin scripts, other services): the fleet never plans
+/// to use them.
+const HEADROOM_RPS: f64 = 5.0;
+
+/// Until the budget is shared (Redis), each pod has its own, and in any one
+/// second a pod's GCRA admits at most `rps + burst` calls (retries
+/// included: each attempt takes a permit). The most pods that can call
+/// Cognito at once:
+/// - `maxReplicas` from the HPA;
+/// - `maxSurge` more during a rollout;
+/// - one pod still draining from the rollout: a rollout step waits for the
+///   new pod to be available for `minReadySeconds`, which must cover a whole
+///   termination (`terminationGracePeriodSeconds`), so the previous old pod
+///   is gone before the next is stopped;
+/// - one pod still draining from an HPA scale-down (followed at once by a
+///   scale-up): the HPA removes at most one pod per period, and the period
+///   must cover a whole termination too.
+///
+/// So `(maxReplicas + maxSurge + 2) × (rps + burst) ≤ 25 − headroom`.
 #[test]
-fn max_replicas_times_the_per_replica_rate_stays_inside_cognitos_quota() {
+fn the_fleet_cannot_exceed_cognitos_quota_in_any_second() {
     for r in rendered() {
-        let max_replicas = r.one("HorizontalPodAutoscaler")["spec"]["maxReplicas"]
-            .as_f64()
-            .expect("maxReplicas");
-        let rps = r.config()["SESSION_RATE_LIMIT_RPS"]
-            .as_str()
-            .and_then(|v| v.parse::<f64>().ok())
-            .expect("the ConfigMap sets SESSION_RATE_LIMIT_RPS");
+        let deployment = &r.one("Deployment")["spec"];
+        let hpa = &r.one("HorizontalPodAutoscaler")["spec"];
+        let termination = r.pod()["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("terminationGracePeriodSeconds");
+        let min_ready = deployment["minReadySeconds"].as_u64().unwrap_or(0);
         assert!(
-            max_replicas * rps <= COGNITO_ACCOUNT_RPS,
-            "{}: {max_replicas} × {rps}/s",
+            min_ready >= termination,
+            "{}: minReadySeconds {min_ready} < terminationGracePeriodSeconds {termination}: \
+             several old pods could drain at once during a rollout",
             r.name
+        );
+        let scale_down = hpa["behavior"]["scaleDown"]["policies"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: the HPA sets scale-down policies", r.name));
+        for policy in scale_down {
+            assert_eq!(policy["type"], "Pods", "{}: {policy}", r.name);
+            assert_eq!(policy["value"], 1, "{}: {policy}", r.name);
+            let period = policy["periodSeconds"].as_u64().expect("periodSeconds");
+            assert!(
+                period >= termination,
+                "{}: a scale-down period of {period}s lets several pods drain at once",
+                r.name
+            );
+        }
+        let max_replicas = hpa["maxReplicas"].as_f64().expect("maxReplicas");
+        let max_surge = deployment["strategy"]["rollingUpdate"]["maxSurge"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{}: maxSurge as a number of pods", r.name));
+        let flag = |name: &str| {
+            r.config()[name]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{}: the ConfigMap sets {name}", r.name))
+        };
+        let per_pod = flag("SESSION_RATE_LIMIT_RPS") + flag("SESSION_RATE_LIMIT_BURST");
+        let pods = max_replicas + max_surge + 2.0;
+
+        println!(
+            "{}: ({max_replicas} + {max_surge} + 2) pods × {per_pod}/s = {}/s ≤ {COGNITO_ACCOUNT_RPS} − {HEADROOM_RPS}",
+            r.name,
+            pods * per_pod
+        );
+        assert!(
+            pods * per_pod <= COGNITO_ACCOUNT_RPS - HEADROOM_RPS,
+            "{}: {pods} pods × (rps + burst) {per_pod}/s exceeds {}/s",
+            r.name,
+            COGNITO_ACCOUNT_RPS - HEADROOM_RPS
         );
     }
 }

@@ -74,9 +74,7 @@ async fn sigterm_under_load_turns_not_serving_completes_every_call_and_exits_zer
             tokio::spawn(async move { client.global_sign_out(request(i)).await })
         })
         .collect();
-    while fake.requests().len() < IN_FLIGHT {
-        tokio::task::yield_now().await;
-    }
+    fake.wait_for(IN_FLIGHT).await;
 
     let sigterm_at = Instant::now();
     sigterm(&child);

@@ -11,7 +11,7 @@ use std::{
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
 
 /// The request id the fake puts on every reply.
 pub(crate) const FAKE_REQUEST_ID: &str = "3f2b5c1e-8d4a-4e7b-9c1f-0a1b2c3d4e5f";
@@ -47,15 +47,22 @@ pub(crate) struct Recorded {
 
 pub(crate) struct FakeCognito {
     addr: SocketAddr,
-    requests: Arc<Mutex<Vec<Recorded>>>,
+    requests: Arc<Recorder>,
     server: JoinHandle<()>,
+}
+
+/// Every request, and a signal each time one arrives.
+#[derive(Default)]
+struct Recorder {
+    requests: Mutex<Vec<Recorded>>,
+    arrived: Notify,
 }
 
 impl FakeCognito {
     pub(crate) async fn start(reply: Reply) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
         let addr = listener.local_addr().expect("fake addr");
-        let requests = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(Recorder::default());
         let recorded = requests.clone();
         let server = tokio::spawn(async move {
             loop {
@@ -85,7 +92,21 @@ impl FakeCognito {
     }
 
     pub(crate) fn requests(&self) -> Vec<Recorded> {
-        self.requests.lock().expect("not poisoned").clone()
+        self.requests.requests.lock().expect("not poisoned").clone()
+    }
+
+    /// Waits until `n` requests have arrived (the Cognito calls are then in
+    /// flight, or answered).
+    pub(crate) async fn wait_for(&self, n: usize) {
+        loop {
+            let arrived = self.requests.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.requests().len() >= n {
+                return;
+            }
+            arrived.await;
+        }
     }
 }
 
@@ -98,7 +119,7 @@ impl Drop for FakeCognito {
 async fn handle(
     request: Request<hyper::body::Incoming>,
     reply: Reply,
-    recorded: Arc<Mutex<Vec<Recorded>>>,
+    recorded: Arc<Recorder>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let header = |name: &str| {
         request
@@ -121,16 +142,17 @@ async fn handle(
     let asked_for_unknown =
         matches!(reply, Reply::UnknownUser(unknown) if body["Username"] == unknown);
     let number = {
-        let mut recorded = recorded.lock().expect("not poisoned");
-        recorded.push(Recorded {
+        let mut requests = recorded.requests.lock().expect("not poisoned");
+        requests.push(Recorded {
             target,
             content_type,
             signed,
             body,
             arrived,
         });
-        recorded.len()
+        requests.len()
     };
+    recorded.arrived.notify_waiters();
     let reply = match reply {
         Reply::UnknownUser(_) if asked_for_unknown => Reply::AwsError {
             status: 400,

@@ -57,9 +57,7 @@ async fn shutdown_reports_not_serving_and_lets_in_flight_calls_finish() {
             })
             .await
     });
-    while fake.requests().is_empty() {
-        tokio::task::yield_now().await;
-    }
+    fake.wait_for(1).await;
 
     let server = app.shut_down();
 

@@ -3,6 +3,7 @@
 //! and the rendered deploy manifests.
 
 mod bench;
+mod cancellation;
 mod cli;
 mod connection_age;
 mod deploy;

@@ -10,7 +10,7 @@ use tonic_types::StatusExt;
 
 use crate::{
     fake_cognito::{FakeCognito, Reply},
-    helpers::{POOL, TestApp, assert_error, test_config},
+    helpers::{POOL, TestApp, assert_error, metrics_text, test_config},
 };
 
 type CallResult = Result<String, Status>;
@@ -188,18 +188,32 @@ async fn queued_duplicates_share_one_call_but_not_one_already_in_flight() {
             .filter(|r| r.body["Username"] == "alice")
             .count()
     };
-    while alice_calls() == 0 {
-        tokio::task::yield_now().await;
-    }
+    fake.wait_for(2).await;
     // That call is in flight now (the fake holds it for 300 ms): a new
-    // request for alice must not join it.
-    let late = sign_out_as(app.client.clone(), "svc", "alice");
+    // request for alice must not join it. It reaches the service (queued
+    // for the next permit) while the fake still holds the first call.
+    let late = tokio::spawn(sign_out_as(app.client.clone(), "svc", "alice"));
+    let queued = async {
+        while !metrics_text(app.metrics_addr)
+            .await
+            .contains("session_rate_limit_queue_depth 1")
+        {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("the late request queues");
+    assert!(
+        joined.iter().all(|call| !call.is_finished()),
+        "the first call was still held when the late request queued"
+    );
 
     let mut ids = Vec::new();
     for call in joined {
         ids.push(call.await.expect("task").expect("signed out"));
     }
-    let late_id = late.await.expect("signed out");
+    let late_id = late.await.expect("task").expect("signed out");
     ids.dedup();
     assert_eq!(ids.len(), 1, "all 50 got the same outcome: {ids:?}");
     assert_ne!(late_id, ids[0], "the late request made its own call");
