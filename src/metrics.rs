@@ -39,10 +39,25 @@ pub struct Metrics {
     pub authz_denials: IntCounterVec,
     /// `session_config_reloads_total{kind, result}`.
     pub config_reloads: IntCounterVec,
+    /// `session_rate_limit_configured_rate_per_second`: `--rate-limit-rps`,
+    /// so alerts can compare the adaptive rate with it.
+    pub configured_rate: Gauge,
     queue_depth: IntGauge,
     in_flight: IntGauge,
     current_rate: Gauge,
 }
+
+/// Label values created at zero when the process starts. A counter series
+/// born at 1 hides its first increment from `rate()` and `increase()`, and a
+/// reload fails only once per changed file, so its alert needs the series to
+/// exist before the failure.
+const INITIAL_REJECTION_REASONS: &[&str] = &["CALLER_RATE_LIMITED", "RATE_LIMITED", "OVERLOADED"];
+const INITIAL_RELOADS: &[[&str; 2]] = &[
+    ["tls", "ok"],
+    ["tls", "error"],
+    ["authz_policy", "ok"],
+    ["authz_policy", "error"],
+];
 
 /// Values sampled at scrape time.
 #[derive(Debug, Clone, Copy)]
@@ -129,14 +144,27 @@ impl Metrics {
             "Requests waiting for a rate-limit permit.",
         );
         let in_flight = gauge("session_cognito_in_flight", "Cognito calls under way.");
-        let current_rate = Gauge::new(
+        let float_gauge = |name: &str, help: &str| {
+            let metric = Gauge::new(name, help).expect("valid gauge");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique name");
+            metric
+        };
+        let current_rate = float_gauge(
             "session_rate_limit_rate_per_second",
             "The Cognito budget's current rate (lower than configured after throttling).",
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(current_rate.clone()))
-            .expect("unique name");
+        );
+        let configured_rate = float_gauge(
+            "session_rate_limit_configured_rate_per_second",
+            "The Cognito budget's configured rate (--rate-limit-rps).",
+        );
+        for reason in INITIAL_REJECTION_REASONS {
+            rejections.with_label_values(&[*reason]);
+        }
+        for labels in INITIAL_RELOADS {
+            config_reloads.with_label_values(labels);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new("session_build_info", "Always 1; the labels name the build."),
             &["version"],
@@ -157,6 +185,7 @@ impl Metrics {
             permit_wait,
             authz_denials,
             config_reloads,
+            configured_rate,
             queue_depth,
             in_flight,
             current_rate,
@@ -246,11 +275,33 @@ mod tests {
             current_rate: 10.0,
         });
         for line in [
+            "session_rate_limit_configured_rate_per_second 0",
             "session_rate_limit_rejections_total{reason=\"RATE_LIMITED\"} 1",
             "session_rate_limit_queue_depth 3",
             "session_cognito_in_flight 2",
             "session_rate_limit_rate_per_second 10",
             "session_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn alerting_counters_start_at_zero_and_the_configured_rate_is_exported() {
+        let metrics = Metrics::new();
+        metrics.configured_rate.set(20.0);
+        let text = metrics.render(Sampled {
+            queue_depth: 0,
+            in_flight: 0,
+            current_rate: 20.0,
+        });
+        for line in [
+            "session_rate_limit_configured_rate_per_second 20",
+            "session_rate_limit_rejections_total{reason=\"RATE_LIMITED\"} 0",
+            "session_rate_limit_rejections_total{reason=\"OVERLOADED\"} 0",
+            "session_rate_limit_rejections_total{reason=\"CALLER_RATE_LIMITED\"} 0",
+            "session_config_reloads_total{kind=\"tls\",result=\"error\"} 0",
+            "session_config_reloads_total{kind=\"authz_policy\",result=\"error\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
