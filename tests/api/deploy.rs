@@ -437,9 +437,9 @@ fn the_service_monitor_scrapes_every_pods_metrics_port_as_the_job_the_rules_expe
             .iter()
             .find(|p| p["name"] == port["targetPort"])
             .unwrap_or_else(|| panic!("{name}: targetPort names a container port"));
-        let listen = r.port_of("SESSION_METRICS_LISTEN").unwrap_or_else(|| {
-            server_defaults().metrics_listen.port().into()
-        });
+        let listen = r
+            .port_of("SESSION_METRICS_LISTEN")
+            .unwrap_or_else(|| server_defaults().metrics_listen.port().into());
         assert_eq!(container_port["containerPort"], listen, "{name}");
     }
 }
@@ -467,7 +467,10 @@ fn the_dashboard_configmap_carries_the_dashboard_for_grafanas_sidecar() {
     for name in MONITORED {
         let r = Rendered::render(name);
         let map = r.named("ConfigMap", "session-service-dashboard");
-        assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1", "{name}");
+        assert_eq!(
+            map["metadata"]["labels"]["grafana_dashboard"], "1",
+            "{name}"
+        );
         let data = map["data"]["session-service.json"]
             .as_str()
             .expect("the dashboard file");

@@ -14,9 +14,9 @@ use std::{
 };
 
 use serde_json::Value;
-use session_service::proto::GlobalSignOutRequest;
+use session_service::proto::{GlobalSignOutRequest, session_service_client::SessionServiceClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::Request;
+use tonic::{Code, Request, transport::Channel};
 
 use crate::{
     fake_cognito::{FakeCognito, Reply},
@@ -144,7 +144,9 @@ fn every_alert_has_firing_and_quiet_unit_tests_and_a_runbook() {
         let rule = rules.iter().find(|r| r["alert"] == *alert).expect("rule");
         for key in ["summary", "description", "runbook_url"] {
             assert!(
-                rule["annotations"][key].as_str().is_some_and(|v| !v.is_empty()),
+                rule["annotations"][key]
+                    .as_str()
+                    .is_some_and(|v| !v.is_empty()),
                 "{alert}: no {key}"
             );
         }
@@ -160,7 +162,10 @@ fn every_alert_has_firing_and_quiet_unit_tests_and_a_runbook() {
             "deploy/monitoring/README.md has no runbook section for {alert}"
         );
         assert!(
-            matches!(rule["labels"]["severity"].as_str(), Some("critical" | "warning")),
+            matches!(
+                rule["labels"]["severity"].as_str(),
+                Some("critical" | "warning")
+            ),
             "{alert}: severity"
         );
     }
@@ -198,7 +203,10 @@ impl Prometheus {
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(tools::prometheus())
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log file"))
@@ -240,7 +248,10 @@ impl Prometheus {
             return Vec::new();
         };
         let reply: Value = serde_json::from_str(&body).expect("JSON from Prometheus");
-        reply["data"]["result"].as_array().cloned().unwrap_or_default()
+        reply["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     async fn alerts(&self) -> Vec<Value> {
@@ -298,35 +309,34 @@ fn percent_encode(text: &str) -> String {
 /// from ten callers at 0.5/s, and one greedy caller at 5/s, over its
 /// per-caller limit. About 12 Cognito calls a second: inside the budget.
 /// Counts the codes.
-fn spawn_load(app: &TestApp, codes: Arc<Mutex<BTreeMap<String, u32>>>) -> tokio::task::JoinHandle<()> {
+fn spawn_load(
+    app: &TestApp,
+    codes: Arc<Mutex<BTreeMap<String, u32>>>,
+) -> tokio::task::JoinHandle<()> {
     let client = app.client.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        // A late tick must not turn into a burst over the budget.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for round in 0u32.. {
             tick.tick().await;
             let one_of_ten = |kind: &str| format!("{kind}-{}", round % 10);
             let calls = [
                 (POOL, format!("user-{round}"), one_of_ten("ok")),
                 (POOL, "not a valid name".to_owned(), one_of_ten("bad-input")),
-                ("eu-west-1_Other", "carol".to_owned(), one_of_ten("wrong-pool")),
+                (
+                    "eu-west-1_Other",
+                    "carol".to_owned(),
+                    one_of_ten("wrong-pool"),
+                ),
                 (POOL, GHOST.to_owned(), one_of_ten("ghost")),
                 (POOL, format!("greedy-{round}"), "greedy".to_owned()),
             ];
             for (pool, username, caller) in calls {
-                let mut client = client.clone();
+                let client = client.clone();
                 let codes = codes.clone();
                 tokio::spawn(async move {
-                    let mut request = Request::new(GlobalSignOutRequest {
-                        user_pool_id: pool.into(),
-                        username,
-                    });
-                    request
-                        .metadata_mut()
-                        .insert("x-caller-id", caller.parse().expect("ascii"));
-                    let code = match client.global_sign_out(request).await {
-                        Ok(_) => tonic::Code::Ok,
-                        Err(status) => status.code(),
-                    };
+                    let code = sign_out_as(client, pool, username, &caller).await;
                     *codes
                         .lock()
                         .expect("not poisoned")
@@ -336,6 +346,25 @@ fn spawn_load(app: &TestApp, codes: Arc<Mutex<BTreeMap<String, u32>>>) -> tokio:
             }
         }
     })
+}
+
+async fn sign_out_as(
+    mut client: SessionServiceClient<Channel>,
+    pool: &str,
+    username: String,
+    caller: &str,
+) -> Code {
+    let mut request = Request::new(GlobalSignOutRequest {
+        user_pool_id: pool.into(),
+        username,
+    });
+    request
+        .metadata_mut()
+        .insert("x-caller-id", caller.parse().expect("ascii"));
+    match client.global_sign_out(request).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,6 +377,14 @@ async fn a_real_prometheus_finds_data_for_every_rule_and_panel_and_a_throttling_
     config.per_caller_rps = Some(2.0);
     config.per_caller_burst = Some(2);
     let app = TestApp::spawn(config).await;
+    // A refusal before the first scrape: the error ratio subtracts
+    // CALLER_RATE_LIMITED refusals from RESOURCE_EXHAUSTED calls, and the two
+    // rates are comparable only if both series are in every scrape.
+    let mut greedy = Vec::new();
+    for n in 0..3 {
+        greedy.push(sign_out_as(app.client.clone(), POOL, format!("warm-up-{n}"), "greedy").await);
+    }
+    assert_eq!(greedy.last(), Some(&Code::ResourceExhausted), "{greedy:?}");
     let prometheus = &Prometheus::start(app.metrics_addr);
     prometheus
         .wait_for("Prometheus ready", Duration::from_secs(20), || async move {
@@ -357,15 +394,26 @@ async fn a_real_prometheus_finds_data_for_every_rule_and_panel_and_a_throttling_
     let codes = Arc::new(Mutex::new(BTreeMap::new()));
     let load = spawn_load(&app, codes.clone());
 
-    // Healthy traffic until Prometheus has seen it grow (two scrapes).
+    // Healthy traffic and caller errors until Prometheus has seen both grow
+    // and recorded the error ratio: caller errors must not count.
+    let caller_errors_seen = r#"
+        sum(increase(session_rpc_duration_seconds_count{code=~"INVALID_ARGUMENT|NOT_FOUND|PERMISSION_DENIED"}[1m])) > 0
+        and sum(increase(session_rate_limit_rejections_total{reason="CALLER_RATE_LIMITED"}[1m])) > 0
+        and sum(increase(session_rpc_duration_seconds_count{code="OK"}[1m])) > 0
+        and sum(job:session_signout_availability_errors:ratio_rate5m)"#;
     prometheus
-        .wait_for("successes seen by Prometheus", Duration::from_secs(20), || async move {
-            !prometheus
-                .query(r#"increase(session_cognito_requests_total{outcome="OK"}[1m]) > 0"#)
-                .await
-                .is_empty()
-        })
+        .wait_for(
+            "successes and caller errors seen by Prometheus",
+            Duration::from_secs(20),
+            || async move { !prometheus.query(caller_errors_seen).await.is_empty() },
+        )
         .await;
+    let healthy = prometheus
+        .query("job:session_signout_availability_errors:ratio_rate5m")
+        .await;
+    println!("error ratio with only caller errors: {healthy:?}");
+    assert_eq!(healthy.len(), 1, "{healthy:?}");
+    assert_eq!(healthy[0]["value"][1], "0", "caller errors burn no budget");
     // A throttling spell, until Prometheus has seen throttled attempts grow.
     fake.set_reply(Reply::AwsError {
         status: 400,

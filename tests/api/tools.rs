@@ -9,10 +9,10 @@ pub(crate) fn require(name: &str, env_var: &str, local: Option<&str>) -> PathBuf
     if let Some(path) = std::env::var_os(env_var) {
         return PathBuf::from(path);
     }
-    if let Some(local) = local.map(|l| Path::new(env!("CARGO_MANIFEST_DIR")).join(l)) {
-        if local.is_file() {
-            return local;
-        }
+    if let Some(local) = local.map(|l| Path::new(env!("CARGO_MANIFEST_DIR")).join(l))
+        && local.is_file()
+    {
+        return local;
     }
     if let Some(found) = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
