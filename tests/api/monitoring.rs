@@ -265,22 +265,37 @@ impl Prometheus {
             .unwrap_or_default()
     }
 
-    /// Polls until `ready` holds, failing with `what` and Prometheus' log
-    /// after `limit`.
-    async fn wait_for<F, Fut>(&self, what: &str, limit: Duration, mut ready: F)
+    /// Polls until `ready` holds or `limit` passes; whether it held.
+    async fn poll_until<F, Fut>(&self, limit: Duration, mut ready: F) -> bool
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
         let deadline = Instant::now() + limit;
-        while !ready().await {
-            assert!(
-                Instant::now() < deadline,
-                "{what} within {limit:?}; Prometheus log:\n{}",
-                self.log_tail()
-            );
+        loop {
+            if ready().await {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Polls until `ready` holds, failing with `what` and Prometheus' log
+    /// after `limit`.
+    async fn wait_for<F, Fut>(&self, what: &str, limit: Duration, ready: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let held = self.poll_until(limit, ready).await;
+        assert!(
+            held,
+            "{what} within {limit:?}; Prometheus log:\n{}",
+            self.log_tail()
+        );
     }
 }
 
@@ -446,27 +461,23 @@ async fn a_real_prometheus_finds_data_for_every_rule_and_panel_and_a_throttling_
     let queries = &queries;
     let results: &Mutex<Vec<(String, String, usize)>> = &Mutex::default();
     let active: &Mutex<Vec<Value>> = &Mutex::default();
-    prometheus
-        .wait_for(
-            "data for every rule and panel, and SessionServiceCognitoThrottling pending",
-            Duration::from_secs(30),
-            || async move {
-                let mut counted = Vec::new();
-                for (what, expr) in queries {
-                    let series = prometheus.query(expr).await.len();
-                    counted.push((what.clone(), expr.clone(), series));
-                }
-                let alerts = prometheus.alerts().await;
-                let throttling = alerts.iter().any(|a| {
-                    a["labels"]["alertname"] == "SessionServiceCognitoThrottling"
-                        && a["state"] == "pending"
-                });
-                let all = counted.iter().all(|(_, _, n)| *n > 0);
-                *results.lock().expect("not poisoned") = counted;
-                *active.lock().expect("not poisoned") = alerts;
-                all && throttling
-            },
-        )
+    let complete = prometheus
+        .poll_until(Duration::from_secs(30), || async move {
+            let mut counted = Vec::new();
+            for (what, expr) in queries {
+                let series = prometheus.query(expr).await.len();
+                counted.push((what.clone(), expr.clone(), series));
+            }
+            let alerts = prometheus.alerts().await;
+            let throttling = alerts.iter().any(|a| {
+                a["labels"]["alertname"] == "SessionServiceCognitoThrottling"
+                    && a["state"] == "pending"
+            });
+            let all = counted.iter().all(|(_, _, n)| *n > 0);
+            *results.lock().expect("not poisoned") = counted;
+            *active.lock().expect("not poisoned") = alerts;
+            all && throttling
+        })
         .await;
     load.abort();
 
@@ -481,6 +492,12 @@ async fn a_real_prometheus_finds_data_for_every_rule_and_panel_and_a_throttling_
             alert["labels"]["alertname"], alert["state"], alert["value"], alert["labels"]
         );
     }
+    let empty: Vec<_> = results.iter().filter(|(_, _, n)| *n == 0).collect();
+    assert!(empty.is_empty(), "no data within 30 s: {empty:#?}");
+    assert!(
+        complete,
+        "SessionServiceCognitoThrottling not pending within 30 s: {alerts:#?}"
+    );
     let names: Vec<_> = alerts
         .iter()
         .map(|a| a["labels"]["alertname"].as_str().unwrap_or_default())
