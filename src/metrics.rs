@@ -275,7 +275,6 @@ mod tests {
             current_rate: 10.0,
         });
         for line in [
-            "session_rate_limit_configured_rate_per_second 0",
             "session_rate_limit_rejections_total{reason=\"RATE_LIMITED\"} 1",
             "session_rate_limit_queue_depth 3",
             "session_cognito_in_flight 2",
