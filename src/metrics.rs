@@ -39,11 +39,26 @@ pub struct Metrics {
     pub authz_denials: IntCounterVec,
     /// `session_config_reloads_total{kind, result}`.
     pub config_reloads: IntCounterVec,
+    /// `session_rate_limit_configured_rate_per_second`: `--rate-limit-rps`,
+    /// so alerts can compare the adaptive rate with it.
+    pub configured_rate: Gauge,
     queue_depth: IntGauge,
     in_flight: IntGauge,
     current_rate: Gauge,
     log_lines_dropped: IntCounter,
 }
+
+/// Label values created at zero when the process starts. A counter series
+/// born at 1 hides its first increment from `rate()` and `increase()`, and a
+/// reload fails only once per changed file, so its alert needs the series to
+/// exist before the failure.
+const INITIAL_REJECTION_REASONS: &[&str] = &["CALLER_RATE_LIMITED", "RATE_LIMITED", "OVERLOADED"];
+const INITIAL_RELOADS: &[[&str; 2]] = &[
+    ["tls", "ok"],
+    ["tls", "error"],
+    ["authz_policy", "ok"],
+    ["authz_policy", "error"],
+];
 
 /// Values sampled at scrape time.
 #[derive(Debug, Clone, Copy)]
@@ -132,14 +147,27 @@ impl Metrics {
             "Requests waiting for a rate-limit permit.",
         );
         let in_flight = gauge("session_cognito_in_flight", "Cognito calls under way.");
-        let current_rate = Gauge::new(
+        let float_gauge = |name: &str, help: &str| {
+            let metric = Gauge::new(name, help).expect("valid gauge");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique name");
+            metric
+        };
+        let current_rate = float_gauge(
             "session_rate_limit_rate_per_second",
             "The Cognito budget's current rate (lower than configured after throttling).",
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(current_rate.clone()))
-            .expect("unique name");
+        );
+        let configured_rate = float_gauge(
+            "session_rate_limit_configured_rate_per_second",
+            "The Cognito budget's configured rate (--rate-limit-rps).",
+        );
+        for reason in INITIAL_REJECTION_REASONS {
+            rejections.with_label_values(&[*reason]);
+        }
+        for labels in INITIAL_RELOADS {
+            config_reloads.with_label_values(labels);
+        }
         let log_lines_dropped = IntCounter::new(
             "session_log_lines_dropped_total",
             "Log lines dropped because standard output could not keep up (audit lines included).",
@@ -168,6 +196,7 @@ impl Metrics {
             permit_wait,
             authz_denials,
             config_reloads,
+            configured_rate,
             queue_depth,
             in_flight,
             current_rate,
@@ -276,6 +305,28 @@ mod tests {
             "session_rate_limit_rate_per_second 10",
             "session_log_lines_dropped_total 7",
             "session_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn alerting_counters_start_at_zero_and_the_configured_rate_is_exported() {
+        let metrics = Metrics::new();
+        metrics.configured_rate.set(20.0);
+        let text = metrics.render(Sampled {
+            queue_depth: 0,
+            in_flight: 0,
+            current_rate: 20.0,
+            log_lines_dropped: 0,
+        });
+        for line in [
+            "session_rate_limit_configured_rate_per_second 20",
+            "session_rate_limit_rejections_total{reason=\"RATE_LIMITED\"} 0",
+            "session_rate_limit_rejections_total{reason=\"OVERLOADED\"} 0",
+            "session_rate_limit_rejections_total{reason=\"CALLER_RATE_LIMITED\"} 0",
+            "session_config_reloads_total{kind=\"tls\",result=\"error\"} 0",
+            "session_config_reloads_total{kind=\"authz_policy\",result=\"error\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

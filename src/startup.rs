@@ -219,6 +219,7 @@ impl Application {
         });
         let cognito = Cognito::new(sdk_config, &config.upstream());
         let metrics = Arc::new(Metrics::new());
+        metrics.configured_rate.set(config.rate_limit_rps);
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             Arc::new(cognito),

@@ -43,6 +43,31 @@ ensure_kubectl() {
   command -v kubectl >/dev/null 2>&1 || { echo "kubectl is required and could not be installed" >&2; return 1; }
 }
 
+# prometheus and promtool from Debian's `prometheus` package, for the rule
+# unit tests and the live scrape test. apt's postinst may try to start the
+# packaged service; policy-rc.d usually refuses, and the tests run their own
+# instance on a free loopback port either way.
+ensure_prometheus() {
+  if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    echo "== installing prometheus and promtool (apt: prometheus)" >&2
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >&2
+    # Whatever the package started must not hold :9090 (our metrics default).
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+      $sudo systemctl disable --now prometheus >&2
+    fi
+  fi
+  command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || {
+    echo "prometheus and promtool are required and could not be installed" >&2
+    return 1
+  }
+  PROMETHEUS="$(command -v prometheus)"
+  PROMTOOL="$(command -v promtool)"
+  export PROMETHEUS PROMTOOL
+}
+
 ensure_buf() {
   local buf="$TOOLS_DIR/npm/node_modules/.bin/buf"
   if [ -x "$buf" ] && [ "$("$buf" --version 2>/dev/null)" = "$BUF_VERSION" ]; then

@@ -14,6 +14,10 @@ const KUSTOMIZATIONS: &[&str] = &[
     "deploy/k8s/overlays/production",
     "deploy/k8s/overlays/mtls",
 ];
+/// Overlays that include the deploy/monitoring component.
+const MONITORED: &[&str] = &["deploy/k8s/overlays/production", "deploy/k8s/overlays/mtls"];
+/// The monitoring component's Service, there for the ServiceMonitor alone.
+const METRICS_SERVICE: &str = "session-service-metrics";
 /// Cognito's UserUpdate quota per account and Region.
 const COGNITO_ACCOUNT_RPS: f64 = 25.0;
 
@@ -318,10 +322,14 @@ fn every_selector_matches_the_pods() {
             "NetworkPolicy",
         );
         let services = r.all("Service");
-        assert_eq!(services.len(), 2, "{}: ClusterIP and headless", r.name);
-        for service in services {
+        for service in &services {
             matches(&service["spec"]["selector"], "Service");
         }
+        let api = services
+            .iter()
+            .filter(|s| s["metadata"]["name"] != METRICS_SERVICE)
+            .count();
+        assert_eq!(api, 2, "{}: ClusterIP and headless", r.name);
         assert!(
             r.all("Service")
                 .iter()
@@ -439,5 +447,91 @@ fn the_mtls_overlay_mounts_the_certificate_it_requests() {
             path.starts_with(&mounted_at),
             "{env}={path} is not under {mounted_at}"
         );
+    }
+}
+
+// === monitoring (deploy/monitoring, a kustomize component) ===
+
+fn monitoring_file(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/monitoring")
+        .join(name)
+}
+
+/// The ServiceMonitor finds the metrics Service, which finds the pods' metrics
+/// port, and names the job "session-service" that the rules select on.
+#[test]
+fn the_service_monitor_scrapes_every_pods_metrics_port_as_the_job_the_rules_expect() {
+    for name in MONITORED {
+        let r = Rendered::render(name);
+        let monitor = &r.one("ServiceMonitor")["spec"];
+        let service = r.named("Service", METRICS_SERVICE);
+        let labels = service["metadata"]["labels"].as_object().expect("labels");
+        for (key, value) in monitor["selector"]["matchLabels"]
+            .as_object()
+            .expect("matchLabels")
+        {
+            assert_eq!(labels.get(key), Some(value), "{name}: selects {key}");
+        }
+        let job_label = monitor["jobLabel"].as_str().expect("jobLabel");
+        assert_eq!(labels[job_label], "session-service", "{name}: the job name");
+        assert_eq!(
+            monitor["namespaceSelector"],
+            Value::Null,
+            "{name}: same namespace"
+        );
+        let endpoint = &monitor["endpoints"][0];
+        assert_eq!(endpoint["path"], "/metrics");
+        let port = service["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == endpoint["port"])
+            .unwrap_or_else(|| panic!("{name}: the Service has the monitored port"));
+        let container_port = r.container()["ports"]
+            .as_array()
+            .expect("container ports")
+            .iter()
+            .find(|p| p["name"] == port["targetPort"])
+            .unwrap_or_else(|| panic!("{name}: targetPort names a container port"));
+        let listen = r
+            .port_of("SESSION_METRICS_LISTEN")
+            .unwrap_or_else(|| server_defaults().metrics_listen.port().into());
+        assert_eq!(container_port["containerPort"], listen, "{name}");
+    }
+}
+
+/// One source of truth: the PrometheusRule carries rules.yaml unchanged
+/// (scripts/gen-prometheusrule writes it).
+#[test]
+fn the_prometheus_rule_carries_exactly_the_rules_file() {
+    let text = std::fs::read_to_string(monitoring_file("rules.yaml")).expect("rules.yaml");
+    let rules: Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    for name in MONITORED {
+        let r = Rendered::render(name);
+        assert_eq!(
+            r.one("PrometheusRule")["spec"]["groups"],
+            rules["groups"],
+            "{name}: run scripts/gen-prometheusrule after editing rules.yaml"
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_configmap_carries_the_dashboard_for_grafanas_sidecar() {
+    let text = std::fs::read_to_string(monitoring_file("dashboard.json")).expect("dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("JSON");
+    for name in MONITORED {
+        let r = Rendered::render(name);
+        let map = r.named("ConfigMap", "session-service-dashboard");
+        assert_eq!(
+            map["metadata"]["labels"]["grafana_dashboard"], "1",
+            "{name}"
+        );
+        let data = map["data"]["session-service.json"]
+            .as_str()
+            .expect("the dashboard file");
+        let shipped: Value = serde_json::from_str(data).expect("JSON");
+        assert_eq!(shipped, dashboard, "{name}");
     }
 }

@@ -47,6 +47,7 @@ pub(crate) struct Recorded {
 
 pub(crate) struct FakeCognito {
     addr: SocketAddr,
+    reply: Arc<Mutex<Reply>>,
     requests: Arc<Recorder>,
     server: JoinHandle<()>,
 }
@@ -64,16 +65,22 @@ impl FakeCognito {
         let addr = listener.local_addr().expect("fake addr");
         let requests = Arc::new(Recorder::default());
         let recorded = requests.clone();
+        let reply = Arc::new(Mutex::new(reply));
+        let current = reply.clone();
         let server = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let recorded = recorded.clone();
-                let reply = reply.clone();
+                let current = current.clone();
                 tokio::spawn(async move {
-                    let service =
-                        service_fn(move |request| handle(request, reply.clone(), recorded.clone()));
+                    // Read per request: the SDK keeps connections open
+                    // across a change of reply.
+                    let service = service_fn(move |request| {
+                        let reply = current.lock().expect("not poisoned").clone();
+                        handle(request, reply, recorded.clone())
+                    });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -82,9 +89,15 @@ impl FakeCognito {
         });
         Self {
             addr,
+            reply,
             requests,
             server,
         }
+    }
+
+    /// Answers every later request with `reply` (e.g. a throttling spell).
+    pub(crate) fn set_reply(&self, reply: Reply) {
+        *self.reply.lock().expect("not poisoned") = reply;
     }
 
     pub(crate) fn endpoint(&self) -> String {

@@ -12,6 +12,7 @@ mod fake_cognito;
 mod grpcurl;
 mod helpers;
 mod lifecycle;
+mod monitoring;
 mod moto;
 mod mtls;
 mod observability;

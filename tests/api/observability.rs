@@ -431,6 +431,14 @@ async fn metrics_count_a_known_mix_of_calls_exactly() {
     assert_eq!(
         value(
             &scrape,
+            "session_rate_limit_configured_rate_per_second",
+            &[]
+        ),
+        Some(20.0)
+    );
+    assert_eq!(
+        value(
+            &scrape,
             "session_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),

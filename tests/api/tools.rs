@@ -4,13 +4,14 @@
 use std::path::{Path, PathBuf};
 
 /// Finds `name`: the env var override, then the project-local `.tools`
-/// install that `scripts/test` makes, then PATH.
-pub(crate) fn require(name: &str, env_var: &str, local: &str) -> PathBuf {
+/// install that `scripts/test` makes (if it makes one), then PATH.
+pub(crate) fn require(name: &str, env_var: &str, local: Option<&str>) -> PathBuf {
     if let Some(path) = std::env::var_os(env_var) {
         return PathBuf::from(path);
     }
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(local);
-    if local.is_file() {
+    if let Some(local) = local.map(|l| Path::new(env!("CARGO_MANIFEST_DIR")).join(l))
+        && local.is_file()
+    {
         return local;
     }
     if let Some(found) = std::env::var_os("PATH").and_then(|paths| {
@@ -22,14 +23,27 @@ pub(crate) fn require(name: &str, env_var: &str, local: &str) -> PathBuf {
     }
     panic!(
         "{name} is required by this test but was not found. Run `scripts/test` \
-         (it installs it into .tools/), or set {env_var} to its path."
+         (it installs it), or set {env_var} to its path."
     );
 }
 
 pub(crate) fn moto_server() -> PathBuf {
-    require("moto_server", "MOTO_SERVER", ".tools/venv/bin/moto_server")
+    require(
+        "moto_server",
+        "MOTO_SERVER",
+        Some(".tools/venv/bin/moto_server"),
+    )
 }
 
 pub(crate) fn grpcurl() -> PathBuf {
-    require("grpcurl", "GRPCURL", ".tools/venv/bin/grpcurl")
+    require("grpcurl", "GRPCURL", Some(".tools/venv/bin/grpcurl"))
+}
+
+/// Debian's `prometheus` package; `scripts/test` installs it with apt.
+pub(crate) fn prometheus() -> PathBuf {
+    require("prometheus", "PROMETHEUS", None)
+}
+
+pub(crate) fn promtool() -> PathBuf {
+    require("promtool", "PROMTOOL", None)
 }
