@@ -253,10 +253,12 @@ mod tests {
         assert_eq!(err.field, "user_pool_id");
     }
 
-    // Valid inputs come from generators that do not reuse the parser's
-    // patterns: pool ids from a region-like shape, usernames from every char
-    // outside the complementary categories (C, Z). Invalid inputs come from
-    // std's own `is_whitespace` / `is_control`.
+    // Generators that share nothing with the parser's patterns: valid pool
+    // ids from a region-like shape; valid usernames from hand-picked Unicode
+    // blocks whose every character is a letter, mark, number, punctuation
+    // or symbol (checked against the Unicode charts, not against a regex);
+    // invalid characters from std's `is_whitespace` / `is_control` and a
+    // list of format, private-use, unassigned and separator characters.
     fn pool_id_strategy() -> impl Strategy<Value = String> {
         ("[a-z]{2}-[a-z]{4,9}-[1-9]", "[0-9a-zA-Z]{1,40}")
             .prop_filter("fits 55", |(r, s)| r.len() + 1 + s.len() <= 55)
@@ -264,17 +266,26 @@ mod tests {
     }
 
     fn visible_char() -> impl Strategy<Value = char> {
-        any::<char>().prop_filter("visible", |c| {
-            !c.is_whitespace() && !c.is_control() && !is_unassigned_or_separator(*c)
-        })
+        prop_oneof![
+            prop::char::range('!', '~'),                 // ASCII graphic: L, N, P, S
+            prop::char::range('\u{00C0}', '\u{00FF}'),   // Latin-1 letters (and × ÷, Sm)
+            prop::char::range('\u{0410}', '\u{044F}'),   // Cyrillic А..я
+            prop::char::range('\u{0300}', '\u{036F}'),   // combining diacritical marks (Mn)
+            prop::char::range('\u{4E00}', '\u{9FFF}'),   // CJK unified ideographs
+            prop::char::range('\u{FF10}', '\u{FF19}'),   // fullwidth digits (Nd)
+            prop::char::range('\u{1F600}', '\u{1F64F}'), // emoticons (So)
+        ]
     }
 
-    /// Characters outside the documented classes (L, M, S, N, P): the other
-    /// (C) and separator (Z) general categories.
-    fn is_unassigned_or_separator(c: char) -> bool {
-        static OTHER: LazyLock<Regex> =
-            LazyLock::new(|| Regex::new(r"^[\p{C}\p{Z}]$").expect("compiles"));
-        OTHER.is_match(c.encode_utf8(&mut [0; 4]))
+    /// Outside the documented classes, yet neither whitespace nor control
+    /// for std: format (Cf), private use (Co), unassigned (Cn), surrogates
+    /// cannot be chars, and the line and paragraph separators (Zl, Zp) with
+    /// a no-break space (Zs).
+    fn invisible_char() -> impl Strategy<Value = char> {
+        prop::sample::select(vec![
+            '\u{00AD}', '\u{200B}', '\u{200D}', '\u{FEFF}', '\u{E000}', '\u{F8FF}', '\u{0378}',
+            '\u{2028}', '\u{2029}', '\u{00A0}',
+        ])
     }
 
     proptest! {
@@ -303,6 +314,18 @@ mod tests {
         fn a_whitespace_or_control_char_anywhere_rejects_a_username(
             name in proptest::collection::vec(visible_char(), 1..100),
             bad in any::<char>().prop_filter("ws or control", |c| c.is_whitespace() || c.is_control()),
+            at in any::<prop::sample::Index>(),
+        ) {
+            let mut name = name;
+            name.insert(at.index(name.len() + 1), bad);
+            let name: String = name.into_iter().collect();
+            prop_assert!(Username::parse(name).is_err());
+        }
+
+        #[test]
+        fn a_format_private_or_unassigned_char_anywhere_rejects_a_username(
+            name in proptest::collection::vec(visible_char(), 1..100),
+            bad in invisible_char(),
             at in any::<prop::sample::Index>(),
         ) {
             let mut name = name;

@@ -3,8 +3,9 @@
 //!
 //! The request path, in order: [`startup`] (transport, health, reflection) →
 //! [`service`] (handler) → [`domain`] (validation) → [`pools`] (which pool) →
-//! [`limiter`] (per-caller limits) → [`signout`] (coalescing, shared budget,
-//! retries) → [`cognito`] (the SDK call) → [`error`] (the status table).
+//! [`limiter`] (per-caller limits) → [`signout`] (coalesced jobs, shared
+//! budget, retries, audit) → [`cognito`] (the SDK call) → [`error`] (the
+//! status table).
 //! Who is calling: [`incoming`] (TLS), [`identity`] (verified caller),
 //! [`authz`] (the policy); [`reload`] keeps certificates and policy current.
 

@@ -281,3 +281,78 @@ async fn calls_beyond_max_in_flight_are_shed() {
     assert_eq!(shed, 3);
     assert_eq!(fake.requests().len(), 2);
 }
+
+/// A sign-out of alice as `caller` with `timeout` as its grpc-timeout.
+async fn sign_out_within(client: Client, caller: &str, timeout: Duration) -> CallResult {
+    let mut request = Request::new(session_service::proto::GlobalSignOutRequest {
+        user_pool_id: POOL.into(),
+        username: "alice".into(),
+    });
+    request.set_timeout(timeout);
+    request
+        .metadata_mut()
+        .insert("x-caller-id", caller.parse().expect("ascii caller id"));
+    let mut client = client;
+    client
+        .global_sign_out(request)
+        .await
+        .map(|response| response.into_inner().aws_request_id)
+}
+
+#[tokio::test]
+async fn each_joiner_keeps_its_own_deadline() {
+    // The next permit is 1 s away and Cognito takes 1 s to answer.
+    let slow = Reply::Delayed(Duration::from_secs(1), Box::new(Reply::Ok));
+    let fake = FakeCognito::start(slow).await;
+    let mut config = test_config(&fake.endpoint());
+    config.rate_limit_rps = 1.0;
+    config.rate_limit_burst = 1;
+    let app = TestApp::spawn(config).await;
+    sign_out_as(app.client.clone(), "svc", "warm-up")
+        .await
+        .expect("takes the only burst permit");
+
+    // First in: enough time for the permit, not for Cognito's answer.
+    let short = tokio::spawn(sign_out_within(
+        app.client.clone(),
+        "web",
+        Duration::from_millis(1500),
+    ));
+    let queued = async {
+        while !metrics_text(app.metrics_addr)
+            .await
+            .contains("session_rate_limit_queue_depth 1")
+        {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("the first request queues");
+    // Joins with plenty of time: gets the sign-out done.
+    let long = tokio::spawn(sign_out_within(
+        app.client.clone(),
+        "batch",
+        Duration::from_secs(5),
+    ));
+    // Cannot wait for the permit at all: refused at once, not left to time out.
+    let asked = Instant::now();
+    let hasty = sign_out_within(app.client.clone(), "cli", Duration::from_millis(300)).await;
+    let hasty_latency = asked.elapsed();
+
+    // RATE_LIMITED is decided at arrival; waiting would have ended in
+    // DEADLINE_EXCEEDED. The latency is printed, not asserted: speed never
+    // fails a test.
+    println!("the hasty joiner was refused after {hasty_latency:?}");
+    let hasty = hasty.expect_err("its deadline is before the permit");
+    assert_error(&hasty, Code::ResourceExhausted, "RATE_LIMITED", true);
+    long.await
+        .expect("task")
+        .expect("the long joiner is not cut short by the first caller's deadline");
+    let short = short
+        .await
+        .expect("task")
+        .expect_err("no time for the answer");
+    assert_eq!(short.code(), Code::DeadlineExceeded, "{short:?}");
+    assert_eq!(fake.requests().len(), 2, "warm-up and one call for alice");
+}
