@@ -305,7 +305,7 @@ pools = ["eu-west-1_Billing1"]
                 "unknown field",
             ),
             ("rule: []\n", "unknown field"),
-            ("rules: [", "line 1"),
+            ("rules: [", "did not find expected node content"),
         ] {
             let error = yaml(text).expect_err(text).to_string();
             assert!(error.contains(expected), "{text:?}: {error}");

@@ -269,11 +269,18 @@ pub fn one_line_error(error: &clap::Error) -> String {
     }
 }
 
+/// No timing flag needs more than a day; anything longer is a typo, and
+/// would overflow the deadline arithmetic on the request path.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 fn parse_duration(value: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 2s, 1m)"))?;
     if duration.is_zero() {
         return Err("must be greater than zero".into());
+    }
+    if duration > MAX_DURATION {
+        return Err("must be at most 24h".into());
     }
     Ok(duration)
 }
@@ -311,7 +318,12 @@ fn parse_metadata_key(value: &str) -> Result<String, String> {
 }
 
 fn parse_duration_or_zero(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 0s, 500ms, 5s)"))
+    let duration =
+        humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 0s, 500ms, 5s)"))?;
+    if duration > MAX_DURATION {
+        return Err("must be at most 24h".into());
+    }
+    Ok(duration)
 }
 
 fn parse_endpoint(value: &str) -> Result<String, String> {
@@ -365,6 +377,8 @@ mod tests {
             &["--rate-limit-rps", "0"],
             &["--rate-limit-rps", "NaN"],
             &["--rate-limit-rps", "1e-300"],
+            &["--upstream-timeout", "100000000000h"],
+            &["--max-queue-wait", "25h"],
             &["--rate-limit-rps", "1e7"],
             &["--per-caller-rps", "1e-300"],
             &["--per-caller-rps-overrides", "billing=1e-300"],

@@ -365,7 +365,9 @@ impl Application {
             .http2_max_header_list_size(lifecycle.max_header_list_size)
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
             // The RPC span (joined to the caller's trace), duration metric and
-            // access line; outermost, so it also sees what tonic refuses.
+            // access line. tonic's own grpc-timeout layer sits outside every
+            // layer added here and drops the call when it fires, so the
+            // record is also written when the call is dropped.
             .layer(RpcTelemetryLayer::new(self.metrics.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -129,30 +129,37 @@ impl CallerLimits {
 
     /// Takes one request from `caller`'s allowance.
     pub fn check(&self, caller: &CallerId, now: Instant) -> Result<(), CallerRateLimited> {
+        let take = |cell: &mut Gcra| {
+            cell.try_take(now)
+                .map_err(|retry_after| CallerRateLimited { retry_after })
+        };
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         let table = &mut *table;
-        let cell = if let Some(rate) = self.override_for(caller) {
-            table
+        if let Some(rate) = self.override_for(caller) {
+            let cell = table
                 .overridden
                 .entry(caller.clone())
-                .or_insert_with(|| Gcra::new(rate, self.burst_for(rate), now))
-        } else {
-            let Some(rate) = self.settings.rate_per_sec else {
-                return Ok(());
-            };
-            let new_cell = || Gcra::new(rate, self.burst_for(rate), now);
-            let full = |table: &Table| table.cells.len() >= self.settings.max_tracked;
-            if !table.cells.contains_key(caller) && full(table) {
-                table.sweep(now);
-            }
-            if table.cells.contains_key(caller) || !full(table) {
-                table.cells.entry(caller.clone()).or_insert_with(new_cell)
-            } else {
-                table.overflow.get_or_insert_with(new_cell)
-            }
+                .or_insert_with(|| Gcra::new(rate, self.burst_for(rate), now));
+            return take(cell);
+        }
+        let Some(rate) = self.settings.rate_per_sec else {
+            return Ok(());
         };
-        cell.try_take(now)
-            .map_err(|retry_after| CallerRateLimited { retry_after })
+        let new_cell = || Gcra::new(rate, self.burst_for(rate), now);
+        let full = |table: &Table| table.cells.len() >= self.settings.max_tracked;
+        if !table.cells.contains_key(caller) && full(table) {
+            table.sweep(now);
+        }
+        if !table.cells.contains_key(caller) && full(table) {
+            return take(table.overflow.get_or_insert_with(new_cell));
+        }
+        let cell = table.cells.entry(caller.clone()).or_insert_with(new_cell);
+        let result = take(cell);
+        // Use only moves a cell's idle time later, so the earliest one can
+        // only move earlier when a cell is added: keep the bound true.
+        let idle_at = cell.idle_at();
+        table.next_sweep = table.next_sweep.map(|at| at.min(idle_at));
+        result
     }
 
     /// Callers currently tracked at the default rate.

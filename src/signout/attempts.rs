@@ -18,6 +18,7 @@ use super::{
 use crate::{
     cognito::SignedOut,
     error::{SignOutError, UpstreamError, UpstreamErrorKind},
+    metrics::Metrics,
 };
 
 /// Longest pause between two attempts, whatever the attempt number.
@@ -55,7 +56,7 @@ impl SignOutFlow {
                 return Err(last_error.map_or(SignOutError::Overloaded, SignOutError::from));
             };
             span.record("attempts", i64::from(attempt));
-            let audit = AuditOnDrop::new(job, attempt);
+            let audit = AuditOnDrop::new(job, attempt, &self.inner.metrics);
             let result = self
                 .inner
                 .upstream
@@ -134,14 +135,16 @@ impl SignOutFlow {
 struct AuditOnDrop<'a> {
     job: &'a Job,
     attempt: u32,
+    metrics: &'a Metrics,
     audited: bool,
 }
 
 impl<'a> AuditOnDrop<'a> {
-    fn new(job: &'a Job, attempt: u32) -> Self {
+    fn new(job: &'a Job, attempt: u32, metrics: &'a Metrics) -> Self {
         Self {
             job,
             attempt,
+            metrics,
             audited: false,
         }
     }
@@ -160,6 +163,10 @@ impl Drop for AuditOnDrop<'_> {
     fn drop(&mut self) {
         if !self.audited {
             self.job.audit(self.attempt, "abandoned", None);
+            self.metrics
+                .upstream_requests
+                .with_label_values(&["Abandoned"])
+                .inc();
         }
     }
 }

@@ -199,8 +199,7 @@ impl SignOutFlow {
 
     /// Waits for the job's first permit and takes it out of the queue, so
     /// nobody joins a call in flight. `None` when every caller left first:
-    /// then the job leaves the queue and its slot is given up. Both happen
-    /// under the queue's lock, so nobody joins a job that is leaving.
+    /// then the job leaves the queue and its slot is given up.
     async fn wait_for_permit(
         &self,
         job: &Arc<Job>,
@@ -210,15 +209,15 @@ impl SignOutFlow {
         tokio::pin!(granted);
         loop {
             tokio::select! {
+                // A permit granted as the last caller leaves is used, not
+                // wasted: the call goes ahead, audited.
+                biased;
                 granted = &mut granted => {
                     self.leave_queue(job);
                     return Some(granted);
                 }
                 () = job.outcome.closed() => {
-                    let mut queued = self.queued();
-                    // Someone may have joined since the last caller left.
-                    if job.outcome.receiver_count() == 0 {
-                        remove_job(&mut queued, job);
+                    if self.leave_queue_if_abandoned(job) {
                         return None;
                     }
                 }
@@ -226,8 +225,22 @@ impl SignOutFlow {
         }
     }
 
-    fn leave_queue(&self, job: &Arc<Job>) {
+    /// Takes the job out of the queue: nobody may join it any more.
+    pub(super) fn leave_queue(&self, job: &Arc<Job>) {
         remove_job(&mut self.queued(), job);
+    }
+
+    /// Takes the job out of the queue if nobody waits for it, deciding
+    /// under the queue's lock: joins happen under that lock too, so a
+    /// caller either joined before (and the job stays) or finds no job
+    /// (and starts its own); it never joins a job that is leaving.
+    pub(super) fn leave_queue_if_abandoned(&self, job: &Arc<Job>) -> bool {
+        let mut queued = self.queued();
+        let abandoned = job.outcome.receiver_count() == 0;
+        if abandoned {
+            remove_job(&mut queued, job);
+        }
+        abandoned
     }
 }
 

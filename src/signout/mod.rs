@@ -108,7 +108,8 @@ impl SignOutFlow {
         let (job, mut outcome) = self.join_or_lead(call)?;
         match tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some)).await {
             Ok(Ok(done)) => done.clone().unwrap_or_else(|| Err(job::no_outcome())),
-            // The job's task ended without an outcome: only if it panicked.
+            // The job's task ended without an outcome: it panicked, or was
+            // abandoned at shutdown.
             Ok(Err(_)) => Err(job::no_outcome()),
             // Still queued: the permit came later than estimated (the rate
             // dropped), which is a rate limit, not an upstream timeout.
@@ -174,8 +175,10 @@ impl SignOutFlow {
         self.inner.jobs.spawn(
             async move {
                 tokio::select! {
-                    () = flow.run(lead, reservation) => {}
-                    () = flow.inner.abandon.cancelled() => {}
+                    // Past the shutdown grace nothing new starts.
+                    biased;
+                    () = flow.inner.abandon.cancelled() => flow.leave_queue(&lead),
+                    () = flow.run(lead.clone(), reservation) => {}
                 }
             }
             .instrument(tracing::Span::current()),

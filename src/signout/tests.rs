@@ -177,6 +177,54 @@ async fn a_joiner_whose_deadline_comes_before_the_slot_is_refused_at_once() {
     assert_eq!(upstream.calls().len(), 1);
 }
 
+/// The race of the old `forget`: between "every caller left" and the job
+/// leaving the queue, a new caller could join a job about to vanish and get
+/// INTERNAL. The decision is now taken under the queue's lock, as joins are,
+/// and only when nobody waits; this drives the decision with a caller that
+/// joined after the last one left.
+#[tokio::test(start_paused = true)]
+async fn a_job_leaves_the_queue_only_when_nobody_waits_for_it() {
+    let upstream = FakeUpstream::slow(MS);
+    let flow = flow_with_spent_burst(upstream.clone(), 10.0).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (job, first) = flow
+        .join_or_lead(call("alice", "web", deadline))
+        .expect("queued");
+
+    drop(first); // the job's `closed()` would now resolve
+    let (joined, second) = flow
+        .join_or_lead(call("alice", "web", deadline))
+        .expect("joins");
+
+    assert!(Arc::ptr_eq(&job, &joined), "joined the queued job");
+    assert!(
+        !flow.leave_queue_if_abandoned(&job),
+        "a caller waits: the job stays"
+    );
+    assert_eq!(flow.queued().len(), 1);
+    drop(second);
+    assert!(flow.leave_queue_if_abandoned(&job), "now nobody waits");
+    assert!(flow.queued().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_job_abandoned_at_shutdown_leaves_the_queue_without_a_call() {
+    let upstream = FakeUpstream::slow(MS);
+    let flow = flow_with_spent_burst(upstream.clone(), 1.0).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut waiting = Box::pin(flow.sign_out(call("alice", "web", deadline)));
+    poll_once(&mut waiting).await;
+    tokio::task::yield_now().await;
+
+    flow.shutdown(Instant::now()).await;
+
+    assert!(flow.queued().is_empty());
+    assert_eq!(flow.budget().queue_depth(), 0, "its place given up");
+    assert!(upstream.calls().is_empty());
+}
+
+/// On one thread the job cannot run between the last caller leaving and a
+/// new one arriving; the new caller then simply joins and is answered.
 #[tokio::test(start_paused = true)]
 async fn a_caller_that_joins_as_the_last_one_leaves_gets_the_outcome() {
     let upstream = FakeUpstream::slow(MS);

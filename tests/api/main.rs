@@ -18,6 +18,7 @@ mod mtls;
 mod observability;
 mod pki;
 mod rate_limit;
+mod stalled_stdout;
 mod status_mapping;
 mod tls_probe;
 mod tools;
