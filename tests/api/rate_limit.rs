@@ -165,8 +165,7 @@ async fn a_noisy_caller_at_ten_times_its_share_does_not_hurt_a_quiet_one() {
 
 #[tokio::test]
 async fn queued_duplicates_share_one_call_but_not_one_already_in_flight() {
-    let slow = Reply::Delayed(Duration::from_secs(1), Box::new(Reply::Ok));
-    let fake = FakeCognito::start(slow).await;
+    let fake = FakeCognito::start(Reply::Ok).await;
     let mut config = test_config(&fake.endpoint());
     config.rate_limit_rps = 1.0;
     config.rate_limit_burst = 1;
@@ -174,6 +173,7 @@ async fn queued_duplicates_share_one_call_but_not_one_already_in_flight() {
     sign_out_as(app.client.clone(), "svc", "warm-up")
         .await
         .expect("takes the only burst permit");
+    fake.set_reply(Reply::Delayed(Duration::from_secs(1), Box::new(Reply::Ok)));
 
     // 50 sign-outs of one user, all queued behind the next permit (1 s away).
     let joined: Vec<_> = (0..50)
