@@ -57,14 +57,14 @@ ensure_buf() {
 
 # cargo-deny (advisories, licences, sources) is compiled from crates.io with
 # its own lock file (no prebuilt binary comes from a registry we trust for
-# it). That takes 10 to 30 minutes on 2 cores, so unlike the other tools it is
+# it). That took 31 minutes on a busy 2-core machine, so unlike the other tools it is
 # kept per machine, outside the repository, where CI's fresh clones find it.
 CARGO_DENY="${XDG_CACHE_HOME:-$HOME/.cache}/session-service-tools/cargo-deny-$CARGO_DENY_VERSION/bin/cargo-deny"
 ensure_cargo_deny() {
   if [ -x "$CARGO_DENY" ] && [ "$("$CARGO_DENY" --version 2>/dev/null)" = "cargo-deny $CARGO_DENY_VERSION" ]; then
     return 0
   fi
-  echo "== installing cargo-deny $CARGO_DENY_VERSION into $(dirname "$(dirname "$CARGO_DENY")") (compiles: 10-30 min)" >&2
+  echo "== installing cargo-deny $CARGO_DENY_VERSION into $(dirname "$(dirname "$CARGO_DENY")") (compiles: up to half an hour)" >&2
   env -u CARGO_TARGET_DIR cargo install --quiet --locked --force \
     --root "$(dirname "$(dirname "$CARGO_DENY")")" "cargo-deny@$CARGO_DENY_VERSION"
   "$CARGO_DENY" --version >&2
