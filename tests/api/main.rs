@@ -2,7 +2,6 @@
 //! binary), the generated client, Cognito faked over HTTP or played by moto,
 //! and the rendered deploy manifests.
 
-mod bench;
 mod cancellation;
 mod cli;
 mod connection_age;

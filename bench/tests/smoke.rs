@@ -1,16 +1,27 @@
 //! The benchmark suite is not a test of speed, but it must not rot: every
 //! scenario runs once, briefly, against the debug binaries.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
+
+/// The service binary the same `cargo test` built: cargo builds the binaries
+/// of every package it tests into one directory, and `cargo test` at the
+/// root tests both crates of the workspace (its `default-members`).
+fn service_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_bench")).with_file_name("session-service");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo test` at the repository root, which builds both crates",
+        bin.display()
+    );
+    bin
+}
 
 #[test]
 fn the_benchmark_runs_every_scenario_in_smoke_mode() {
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args([
-            "--smoke",
-            "--service-bin",
-            env!("CARGO_BIN_EXE_session-service"),
-        ])
+        .arg("--smoke")
+        .arg("--service-bin")
+        .arg(service_bin())
         .env("NO_PROXY", "127.0.0.1,localhost")
         .output()
         .expect("bench runs");

@@ -31,7 +31,7 @@ struct Cli {
     smoke: bool,
 
     /// The service binary to measure. Default: `session-service` next to
-    /// this binary (build both with `cargo build --release --bins`).
+    /// this binary (`cargo build --release --bins` at the workspace root builds both).
     #[arg(long, value_name = "PATH")]
     service_bin: Option<PathBuf>,
 
