@@ -253,11 +253,13 @@ impl UpstreamBudget {
         self.shared.lock().waiting
     }
 
-    /// How long a request arriving now would wait for its permit.
+    /// How long a request arriving now would wait for its permit, and at
+    /// least one permit's interval: a refusal never says "retry at once".
     pub fn estimated_wait(&self) -> Duration {
         let now = Instant::now();
         let state = self.shared.lock();
-        state.gcra.free_after(now, queue_position(state.waiting)) - now
+        let wait = state.gcra.free_after(now, queue_position(state.waiting)) - now;
+        wait.max(state.gcra.interval())
     }
 }
 
@@ -371,7 +373,9 @@ impl State {
 
     /// The first waiter still waiting whose permit, due at or after `from`,
     /// comes before its deadline; those it no longer fits (the rate dropped
-    /// after they queued) are refused. Returns when that permit is due.
+    /// after they queued) are refused. A permit due by now is never refused:
+    /// a dispatcher that runs late (a starved CPU) must not turn its own
+    /// lateness into refusals. Returns when that permit is due.
     fn next_grant(&mut self, from: Instant, now: Instant) -> Option<Instant> {
         loop {
             let front = self.queue.front()?;
@@ -380,7 +384,7 @@ impl State {
                 continue;
             }
             let due = self.gcra.next_free(from);
-            if due <= front.latest.get() {
+            if due <= front.latest.get().max(now) {
                 return Some(due);
             }
             if let Some(late) = self.queue.pop_front() {

@@ -71,6 +71,11 @@ impl Gcra {
         at
     }
 
+    /// The time between two permits at the current rate.
+    pub(crate) fn interval(&self) -> Duration {
+        self.interval
+    }
+
     /// When the cell is back to a full burst: forgetting it then loses nothing.
     pub(crate) fn idle_at(&self) -> Instant {
         self.tat
