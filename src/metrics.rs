@@ -39,6 +39,9 @@ pub struct Metrics {
     pub authz_denials: IntCounterVec,
     /// `session_config_reloads_total{kind, result}`.
     pub config_reloads: IntCounterVec,
+    /// `session_config_reload_failing{kind}`: 1 while the last reload of that
+    /// kind failed (the previous file still in force), 0 after a success.
+    pub config_reload_failing: IntGaugeVec,
     /// `session_rate_limit_configured_rate_per_second`: `--rate-limit-rps`,
     /// so alerts can compare the adaptive rate with it.
     pub configured_rate: Gauge,
@@ -53,6 +56,11 @@ pub struct Metrics {
 /// reload fails only once per changed file, so its alert needs the series to
 /// exist before the failure.
 const INITIAL_REJECTION_REASONS: &[&str] = &["CALLER_RATE_LIMITED", "RATE_LIMITED", "OVERLOADED"];
+/// Reasons that `SignOutError::Unauthorized` (authz::Denied) maps to.
+const INITIAL_AUTHZ_DENIAL_REASONS: &[&str] =
+    &["CALLER_NOT_ALLOWED", "POOL_NOT_ALLOWED_FOR_CALLER"];
+/// Kinds of reloaded files (`reload::Watched::kind`).
+const RELOAD_KINDS: &[&str] = &["tls", "authz_policy"];
 const INITIAL_RELOADS: &[[&str; 2]] = &[
     ["tls", "ok"],
     ["tls", "error"],
@@ -129,6 +137,17 @@ impl Metrics {
             "Files reloaded after a change on disk, by kind (tls, authz_policy) and result.",
             &["kind", "result"],
         );
+        let config_reload_failing = IntGaugeVec::new(
+            Opts::new(
+                "session_config_reload_failing",
+                "1 while the last reload of that kind (tls, authz_policy) failed and the previous file is still in use; 0 after a success.",
+            ),
+            &["kind"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(config_reload_failing.clone()))
+            .expect("unique name");
         let permit_wait = HistogramVec::new(
             HistogramOpts::new(
                 "session_rate_limit_permit_wait_seconds",
@@ -168,6 +187,12 @@ impl Metrics {
         for labels in INITIAL_RELOADS {
             config_reloads.with_label_values(labels);
         }
+        for kind in RELOAD_KINDS {
+            config_reload_failing.with_label_values(&[*kind]).set(0);
+        }
+        for reason in INITIAL_AUTHZ_DENIAL_REASONS {
+            authz_denials.with_label_values(&[*reason]);
+        }
         let log_lines_dropped = IntCounter::new(
             "session_log_lines_dropped_total",
             "Log lines dropped because standard output could not keep up (audit lines included).",
@@ -196,12 +221,24 @@ impl Metrics {
             permit_wait,
             authz_denials,
             config_reloads,
+            config_reload_failing,
             configured_rate,
             queue_depth,
             in_flight,
             current_rate,
             log_lines_dropped,
         }
+    }
+
+    /// Counts a reload attempt of `kind` and records whether that kind is now
+    /// failing (a failure stays visible until a later reload succeeds).
+    pub fn record_reload(&self, kind: &str, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[kind, if ok { "ok" } else { "error" }])
+            .inc();
+        self.config_reload_failing
+            .with_label_values(&[kind])
+            .set(i64::from(!ok));
     }
 
     /// The Prometheus text exposition of every metric, gauges sampled now.
@@ -327,6 +364,44 @@ mod tests {
             "session_rate_limit_rejections_total{reason=\"CALLER_RATE_LIMITED\"} 0",
             "session_config_reloads_total{kind=\"tls\",result=\"error\"} 0",
             "session_config_reloads_total{kind=\"authz_policy\",result=\"error\"} 0",
+            "session_config_reload_failing{kind=\"tls\"} 0",
+            "session_config_reload_failing{kind=\"authz_policy\"} 0",
+            "session_authz_denials_total{reason=\"CALLER_NOT_ALLOWED\"} 0",
+            "session_authz_denials_total{reason=\"POOL_NOT_ALLOWED_FOR_CALLER\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_failed_reload_stays_failing_until_a_reload_of_that_kind_succeeds() {
+        let metrics = Metrics::new();
+        let render = || {
+            metrics.render(Sampled {
+                queue_depth: 0,
+                in_flight: 0,
+                current_rate: 0.0,
+                log_lines_dropped: 0,
+            })
+        };
+        metrics.record_reload("tls", false);
+        let text = render();
+        for line in [
+            "session_config_reload_failing{kind=\"tls\"} 1",
+            "session_config_reload_failing{kind=\"authz_policy\"} 0",
+            "session_config_reloads_total{kind=\"tls\",result=\"error\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // Another kind succeeding does not clear it.
+        metrics.record_reload("authz_policy", true);
+        assert!(render().contains("session_config_reload_failing{kind=\"tls\"} 1"));
+        metrics.record_reload("tls", true);
+        let text = render();
+        for line in [
+            "session_config_reload_failing{kind=\"tls\"} 0",
+            "session_config_reloads_total{kind=\"tls\",result=\"ok\"} 1",
+            "session_config_reloads_total{kind=\"tls\",result=\"error\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

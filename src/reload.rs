@@ -49,10 +49,7 @@ pub async fn watch(watched: Watched, initial: Vec<Vec<u8>>, interval: Duration, 
             continue;
         }
         let result = (watched.apply)(&contents);
-        metrics
-            .config_reloads
-            .with_label_values(&[watched.kind, if result.is_ok() { "ok" } else { "error" }])
-            .inc();
+        metrics.record_reload(watched.kind, result.is_ok());
         match result {
             Ok(()) => tracing::info!(kind = watched.kind, "reloaded from disk"),
             Err(error) => {
