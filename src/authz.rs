@@ -17,7 +17,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{domain::UserPoolId, limiter::CallerId};
+use crate::{domain::UserPoolId, identity::CallerId};
 
 /// A rule's `caller`: the identity, or a prefix when it ends in `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
