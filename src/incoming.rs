@@ -101,7 +101,7 @@ pub fn accept(
             let Ok(slot) = handshakes.clone().acquire_owned().await else {
                 return;
             };
-            let acceptor = TlsAcceptor::from(tls.get());
+            let acceptor = TlsAcceptor::from(tls.load_full());
             let ready = ready.clone();
             tokio::spawn(async move {
                 let peer = tcp.peer_addr().ok();

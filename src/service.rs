@@ -103,7 +103,11 @@ impl SessionApi {
         let span = tracing::Span::current();
         span.record("caller.id", caller.as_str());
         span.record("caller.verified", verified.is_some());
-        let policy = self.caller_policy.authz.as_ref().map(|authz| authz.get());
+        let policy = self
+            .caller_policy
+            .authz
+            .as_ref()
+            .map(|authz| authz.load_full());
         let verified_id = verified.is_some().then_some(&caller);
         // Unknown callers learn nothing, not even whether their request was valid.
         if let Some(policy) = &policy {

@@ -7,6 +7,7 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 
 use aws_config::SdkConfig;
 use tokio::{net::TcpListener, time::Instant};
+use tokio_util::task::AbortOnDropHandle;
 use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing_appender::non_blocking::ErrorCounter;
@@ -14,7 +15,7 @@ use tracing_appender::non_blocking::ErrorCounter;
 pub use self::security::Loaded;
 use self::security::{load_policy, load_tls, log_security_posture, policy_reload, tls_reload};
 use crate::{
-    authz::{CurrentPolicy, Policy},
+    authz::{CurrentPolicy, Policy, PolicyError},
     cognito::Cognito,
     config::Config,
     incoming,
@@ -22,11 +23,11 @@ use crate::{
     metrics::{Metrics, Sampled},
     pools::{DefaultPoolNotAllowed, PoolPolicy},
     proto::{self, session_service_server::SessionServiceServer},
-    reload::{self, Watched},
+    reload::{self, ReadError, Watched},
     service::{CallerPolicy, SessionApi, UserLogging},
     signout::SignOutFlow,
-    telemetry::{RpcTelemetryLayer, UserHasher},
-    tls::{CurrentTlsConfig, TlsFiles},
+    telemetry::{HashKeyError, RpcTelemetryLayer, UserHasher},
+    tls::{CurrentTlsConfig, TlsError, TlsFiles},
 };
 
 /// HTTP/2 streams a client may open and reset before the server accepts
@@ -47,23 +48,34 @@ pub enum StartupError {
     #[error("no AWS region configured: set AWS_REGION (or a profile with a region)")]
     NoRegion,
     /// The user-hash key file could not be read, or is empty.
-    #[error("--log-user-hash-key-file {path}: {reason}")]
+    #[error("--log-user-hash-key-file {path}: {source}")]
     HashKeyFile {
         /// The file named by the flag.
         path: String,
         /// What went wrong.
-        reason: String,
+        source: HashKeyError,
     },
+    /// The TLS certificate, key or client CA cannot be read.
+    #[error("TLS: {0}")]
+    TlsFiles(#[source] ReadError),
     /// The TLS certificate, key or client CA cannot be used.
     #[error("TLS: {0}")]
-    Tls(String),
-    /// The authorization policy cannot be read or is invalid.
-    #[error("--authz-policy {path}: {reason}")]
+    Tls(#[source] TlsError),
+    /// The authorization policy cannot be read.
+    #[error("--authz-policy {path}: {source}")]
+    PolicyFile {
+        /// The file named by the flag.
+        path: String,
+        /// What the OS said.
+        source: ReadError,
+    },
+    /// The authorization policy is invalid.
+    #[error("--authz-policy {path}: {source}")]
     Policy {
         /// The file named by the flag.
         path: String,
         /// What is wrong with it.
-        reason: String,
+        source: PolicyError,
     },
     /// A policy is set but no caller could ever be verified, so it would
     /// refuse every call.
@@ -94,7 +106,9 @@ impl StartupError {
             Self::Config(_)
             | Self::NoRegion
             | Self::HashKeyFile { .. }
+            | Self::TlsFiles(_)
             | Self::Tls(_)
+            | Self::PolicyFile { .. }
             | Self::Policy { .. }
             | Self::PolicyWithoutIdentity => 64,
             Self::Bind { .. } | Self::Reflection(_) | Self::Serve(_) => 1,
@@ -138,16 +152,10 @@ pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, Startup
 
 fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
     if let Some(path) = &config.log_user_hash_key_file {
-        let failed = |reason: String| StartupError::HashKeyFile {
+        return UserHasher::from_key_file(path).map_err(|source| StartupError::HashKeyFile {
             path: path.display().to_string(),
-            reason,
-        };
-        let key = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
-        let key = key.strip_suffix(b"\n").unwrap_or(&key);
-        if key.is_empty() {
-            return Err(failed("the file is empty".into()));
-        }
-        return Ok(UserHasher::with_key(key));
+            source,
+        });
     }
     Ok(match &config.log_user_hash_key {
         Some(key) => UserHasher::with_key(key.as_bytes()),
@@ -210,7 +218,7 @@ impl Application {
             current
         });
         let authz = policy.map(|loaded| {
-            let current = Arc::new(CurrentPolicy::new(loaded.value));
+            let current = Arc::new(CurrentPolicy::from_pointee(loaded.value));
             reloads.push((
                 policy_reload(loaded.source, current.clone()),
                 loaded.contents,
@@ -341,9 +349,9 @@ impl Application {
             .map(|(watched, initial)| {
                 let metrics = self.metrics.clone();
                 let interval = lifecycle.reload_interval;
-                tokio::spawn(
-                    async move { reload::watch(watched, initial, interval, &metrics).await },
-                )
+                AbortOnDropHandle::new(tokio::spawn(async move {
+                    reload::watch(watched, initial, interval, &metrics).await;
+                }))
             })
             .collect();
         let incoming = incoming::accept(self.listener, self.tls, lifecycle.handshake_timeout);
@@ -409,9 +417,7 @@ impl Application {
         if let Some(stop) = health_stop {
             let _ = stop.send(());
         }
-        for reloader in reloaders {
-            reloader.abort();
-        }
+        drop(reloaders);
         result
     }
 }
