@@ -10,14 +10,15 @@
 //!     pools: ["*"]                                       # every allowed pool
 //! ```
 
-use std::{
-    path::Path,
-    sync::{Arc, PoisonError, RwLock},
-};
+use std::path::Path;
 
+use arc_swap::ArcSwap;
 use serde::Deserialize;
 
-use crate::{domain::UserPoolId, limiter::CallerId};
+use crate::{
+    domain::{InvalidField, UserPoolId},
+    identity::CallerId,
+};
 
 /// A rule's `caller`: the identity, or a prefix when it ends in `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,8 +59,50 @@ pub enum Denied {
 
 /// A policy file that cannot be used, with the place it went wrong.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PolicyError(String);
+pub enum PolicyError {
+    /// The file is not UTF-8.
+    #[error("{0}")]
+    NotUtf8(#[from] std::str::Utf8Error),
+    /// The file is not valid TOML, or not a policy.
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    /// The file is not valid YAML, or not a policy.
+    #[error("{0}")]
+    Yaml(#[from] serde_yaml_ng::Error),
+    /// The file name says no format.
+    #[error("the file name must end in .toml, .yaml or .yml")]
+    UnknownFormat,
+    /// One rule is invalid.
+    #[error("rules[{index}]: {source}")]
+    Rule {
+        /// Its place in `rules`, from 0.
+        index: usize,
+        /// What is wrong with it.
+        source: RuleError,
+    },
+}
+
+/// What is wrong with one rule.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    /// `caller: ""`.
+    #[error("caller: must not be empty")]
+    EmptyCaller,
+    /// A `*` other than the last character.
+    #[error("caller: `*` is only allowed at the end (a prefix)")]
+    MisplacedWildcard,
+    /// `pools: []`.
+    #[error("pools: list at least one pool id, or \"*\"")]
+    NoPools,
+    /// A pool id that is not one.
+    #[error("pools: {id:?}: {}", source.description)]
+    Pool {
+        /// The id as written.
+        id: String,
+        /// Why it is not a pool id.
+        source: InvalidField,
+    },
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,25 +121,19 @@ impl Policy {
     /// Parses a policy file's contents; `path` decides the format (`.toml`,
     /// `.yaml`, `.yml`).
     pub fn parse(path: &Path, contents: &[u8]) -> Result<Self, PolicyError> {
-        let text = std::str::from_utf8(contents).map_err(|e| PolicyError(e.to_string()))?;
+        let text = std::str::from_utf8(contents)?;
         let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let file: PolicyFile = match extension {
-            "toml" => toml::from_str(text).map_err(|e| PolicyError(e.to_string()))?,
-            "yaml" | "yml" => {
-                serde_yaml_ng::from_str(text).map_err(|e| PolicyError(e.to_string()))?
-            }
-            _ => {
-                return Err(PolicyError(
-                    "the file name must end in .toml, .yaml or .yml".into(),
-                ));
-            }
+            "toml" => toml::from_str(text)?,
+            "yaml" | "yml" => serde_yaml_ng::from_str(text)?,
+            _ => return Err(PolicyError::UnknownFormat),
         };
         let rules = file
             .rules
             .into_iter()
             .enumerate()
             .map(|(index, rule)| {
-                Rule::parse(rule).map_err(|e| PolicyError(format!("rules[{index}]: {e}")))
+                Rule::parse(rule).map_err(|source| PolicyError::Rule { index, source })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { rules })
@@ -144,21 +181,24 @@ impl Policy {
 }
 
 impl Rule {
-    fn parse(rule: RuleFile) -> Result<Self, String> {
+    fn parse(rule: RuleFile) -> Result<Self, RuleError> {
         let caller = match rule.caller.strip_suffix('*') {
-            _ if rule.caller.is_empty() => return Err("caller: must not be empty".into()),
+            _ if rule.caller.is_empty() => return Err(RuleError::EmptyCaller),
             Some(prefix) if !prefix.contains('*') => CallerPattern::Prefix(prefix.to_owned()),
             None if !rule.caller.contains('*') => CallerPattern::Exact(rule.caller),
-            _ => return Err("caller: `*` is only allowed at the end (a prefix)".into()),
+            _ => return Err(RuleError::MisplacedWildcard),
         };
         if rule.pools.is_empty() {
-            return Err("pools: list at least one pool id, or \"*\"".into());
+            return Err(RuleError::NoPools);
         }
         let pools = if rule.pools == ["*"] {
             Pools::Any
         } else {
             let pools = rule.pools.iter().map(|id| {
-                UserPoolId::parse(id).map_err(|e| format!("pools: {id:?}: {}", e.description))
+                UserPoolId::parse(id).map_err(|source| RuleError::Pool {
+                    id: id.clone(),
+                    source,
+                })
             });
             Pools::Listed(pools.collect::<Result<_, _>>()?)
         };
@@ -185,28 +225,7 @@ impl Pools {
 }
 
 /// The policy in force; swapped by the reloader.
-#[derive(Debug)]
-pub struct CurrentPolicy(RwLock<Arc<Policy>>);
-
-impl CurrentPolicy {
-    /// Starts with `policy`.
-    pub fn new(policy: Policy) -> Self {
-        Self(RwLock::new(Arc::new(policy)))
-    }
-
-    /// The policy for a call starting now.
-    pub fn get(&self) -> Arc<Policy> {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Replaces the policy for calls from now on.
-    pub fn set(&self, policy: Policy) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
-    }
-}
+pub type CurrentPolicy = ArcSwap<Policy>;
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,8 @@ pub use security::SecurityConfig;
 use crate::{
     cognito::UpstreamSettings,
     domain::UserPoolId,
-    limiter::{BudgetSettings, CallerId, CallerSettings},
+    identity::CallerId,
+    limiter::{BudgetSettings, CallerSettings},
     pools::{DefaultPoolNotAllowed, PoolPolicy},
     signout::RetrySettings,
 };

@@ -5,7 +5,6 @@
 
 use std::{
     io,
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -21,7 +20,10 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::{identity, tls::CurrentTlsConfig};
+use crate::{
+    identity::{PeerInfo, certificate_identity},
+    tls::CurrentTlsConfig,
+};
 
 /// TLS handshakes under way at most; beyond it, new connections wait in the
 /// kernel's backlog instead of costing memory here.
@@ -40,19 +42,6 @@ pub enum Conn {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// What the handler can learn about a call's connection (a request
-/// extension, through tonic's [`Connected`]).
-#[derive(Debug, Clone)]
-pub struct PeerInfo {
-    /// The client's address.
-    pub remote_addr: Option<SocketAddr>,
-    /// The identity the client certificate names (see
-    /// [`identity::certificate_identity`]), when the client sent one; the TLS
-    /// handshake already verified it against the client CA. Read once per
-    /// connection, not per call.
-    pub certificate_identity: Option<Arc<str>>,
-}
-
 impl Connected for Conn {
     type ConnectInfo = PeerInfo;
 
@@ -69,7 +58,7 @@ impl Connected for Conn {
                     certificate_identity: session
                         .peer_certificates()
                         .and_then(|chain| chain.first())
-                        .and_then(|leaf| identity::certificate_identity(leaf))
+                        .and_then(|leaf| certificate_identity(leaf))
                         .map(Arc::from),
                 }
             }
@@ -112,7 +101,7 @@ pub fn accept(
             let Ok(slot) = handshakes.clone().acquire_owned().await else {
                 return;
             };
-            let acceptor = TlsAcceptor::from(tls.get());
+            let acceptor = TlsAcceptor::from(tls.load_full());
             let ready = ready.clone();
             tokio::spawn(async move {
                 let peer = tcp.peer_addr().ok();

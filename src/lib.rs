@@ -1,13 +1,17 @@
 //! session-service: a gRPC facade that signs a user out of every device
 //! through Amazon Cognito AdminUserGlobalSignOut.
 //!
-//! The request path, in order: [`startup`] (transport, health, reflection) →
-//! [`service`] (handler) → [`domain`] (validation) → [`pools`] (which pool) →
-//! [`limiter`] (per-caller limits) → [`signout`] (coalesced jobs, shared
-//! budget, retries, audit) → [`cognito`] (the SDK call) → [`error`] (the
-//! status table).
-//! Who is calling: [`incoming`] (TLS), [`identity`] (verified caller),
-//! [`authz`] (the policy); [`reload`] keeps certificates and policy current.
+//! [`startup`] is the composition root: it builds every part and serves.
+//! The request path, in order: [`incoming`] and [`startup`] (transport,
+//! health, reflection) → [`service`] (handler) → [`domain`] (validation) →
+//! [`pools`] (which pool) → [`limiter`] (per-caller limits) → [`signout`]
+//! (coalesced jobs, shared budget, retries, audit) → [`cognito`] (the SDK
+//! call) → [`error`] (the status table).
+//! Who is calling: [`identity`] owns the caller (its id, the connection's
+//! peer, certificate and XFCC identities) and depends on none of the
+//! others; [`incoming`] (TLS accept, with [`tls`]) fills in its `PeerInfo`,
+//! [`authz`] (the policy) judges it; [`reload`] keeps certificates and
+//! policy current.
 
 pub mod authz;
 pub mod cognito;

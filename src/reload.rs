@@ -6,13 +6,26 @@
 //! the file path never reports, and some volume types have no inotify at all.
 //! Reading a few small files every few seconds is cheap and always works.
 
-use std::{path::PathBuf, time::Duration};
+use std::{io, path::PathBuf, time::Duration};
 
 use crate::metrics::Metrics;
 
+/// Why new contents are unusable: whatever error the kind's parser returns.
+pub type ApplyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Builds and installs new state from files' contents, or says why the
 /// contents are unusable.
-pub type Apply = Box<dyn Fn(&[Vec<u8>]) -> Result<(), String> + Send + Sync>;
+pub type Apply = Box<dyn Fn(&[Vec<u8>]) -> Result<(), ApplyError> + Send + Sync>;
+
+/// A watched file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct ReadError {
+    /// The file.
+    pub path: PathBuf,
+    /// What the OS said.
+    pub source: io::Error,
+}
 
 /// Files that are read together (a certificate and its key) and what to do
 /// with their contents.
@@ -61,9 +74,14 @@ pub async fn watch(watched: Watched, initial: Vec<Vec<u8>>, interval: Duration, 
 }
 
 /// Reads every file, in order; the error names the file.
-pub fn read_files(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>, String> {
+pub fn read_files(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>, ReadError> {
     paths
         .iter()
-        .map(|path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())))
+        .map(|path| {
+            std::fs::read(path).map_err(|source| ReadError {
+                path: path.clone(),
+                source,
+            })
+        })
         .collect()
 }

@@ -12,9 +12,8 @@ use crate::{
     deadline,
     domain::{InvalidField, SignOutRequest},
     error::{ErrorChain, SignOutError},
-    identity::{self, IdentitySource},
-    incoming::PeerInfo,
-    limiter::{CallerId, CallerLimits},
+    identity::{self, CallerId, IdentitySource, PeerInfo},
+    limiter::CallerLimits,
     metrics::Metrics,
     pools::PoolPolicy,
     proto::{GlobalSignOutRequest, GlobalSignOutResponse, session_service_server::SessionService},
@@ -104,7 +103,11 @@ impl SessionApi {
         let span = tracing::Span::current();
         span.record("caller.id", caller.as_str());
         span.record("caller.verified", verified.is_some());
-        let policy = self.caller_policy.authz.as_ref().map(|authz| authz.get());
+        let policy = self
+            .caller_policy
+            .authz
+            .as_ref()
+            .map(|authz| authz.load_full());
         let verified_id = verified.is_some().then_some(&caller);
         // Unknown callers learn nothing, not even whether their request was valid.
         if let Some(policy) = &policy {

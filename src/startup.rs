@@ -1,26 +1,34 @@
-//! Assembles the gRPC server (the API, health, reflection) and runs it until
+//! The composition root: checks the configuration, builds every part, wires
+//! them into the gRPC server (the API, health, reflection) and runs it until
 //! a shutdown signal, draining in-flight calls within a bounded grace.
 
+mod error;
 mod security;
+mod servers;
+mod signals;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use aws_config::SdkConfig;
 use tokio::{net::TcpListener, time::Instant};
+use tokio_util::task::AbortOnDropHandle;
 use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing_appender::non_blocking::ErrorCounter;
 
-pub use self::security::Loaded;
-use self::security::{load_policy, load_tls, log_security_posture, policy_reload, tls_reload};
+pub use self::{error::StartupError, security::Loaded, signals::shutdown_signal};
+use self::{
+    security::{load_policy, load_tls, log_security_posture, policy_reload, tls_reload},
+    servers::{spawn_health_server, spawn_metrics_server},
+};
 use crate::{
     authz::{CurrentPolicy, Policy},
     cognito::Cognito,
     config::Config,
     incoming,
     limiter::{CallerLimits, UpstreamBudget},
-    metrics::{Metrics, Sampled},
-    pools::{DefaultPoolNotAllowed, PoolPolicy},
+    metrics::Metrics,
+    pools::PoolPolicy,
     proto::{self, session_service_server::SessionServiceServer},
     reload::{self, Watched},
     service::{CallerPolicy, SessionApi, UserLogging},
@@ -36,71 +44,6 @@ const MAX_PENDING_RESET_STREAMS: usize = 20;
 /// Largest request the API decodes. A GlobalSignOutRequest is under 200 bytes;
 /// anything near this is hostile, and refusing it costs nothing.
 const MAX_REQUEST_BYTES: usize = 4 * 1024;
-
-/// Why the server could not start. Each maps to a process exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// Flags that are valid one by one but not together.
-    #[error(transparent)]
-    Config(#[from] DefaultPoolNotAllowed),
-    /// The AWS chain gave no region, so there is no Cognito endpoint.
-    #[error("no AWS region configured: set AWS_REGION (or a profile with a region)")]
-    NoRegion,
-    /// The user-hash key file could not be read, or is empty.
-    #[error("--log-user-hash-key-file {path}: {reason}")]
-    HashKeyFile {
-        /// The file named by the flag.
-        path: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The TLS certificate, key or client CA cannot be used.
-    #[error("TLS: {0}")]
-    Tls(String),
-    /// The authorization policy cannot be read or is invalid.
-    #[error("--authz-policy {path}: {reason}")]
-    Policy {
-        /// The file named by the flag.
-        path: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A policy is set but no caller could ever be verified, so it would
-    /// refuse every call.
-    #[error(
-        "--authz-policy needs verified callers: set --tls-client-ca (mTLS) or --trust-forwarded-client-cert (a mesh sidecar)"
-    )]
-    PolicyWithoutIdentity,
-    /// The listen address is taken or not ours.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address from `--listen`.
-        addr: SocketAddr,
-        /// What the OS said.
-        source: std::io::Error,
-    },
-    /// The embedded descriptor sets did not load (a build problem).
-    #[error("reflection service: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The server itself failed while serving.
-    #[error("serving: {0}")]
-    Serve(#[source] tonic::transport::Error),
-}
-
-impl StartupError {
-    /// 64 (EX_USAGE) for configuration mistakes, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Config(_)
-            | Self::NoRegion
-            | Self::HashKeyFile { .. }
-            | Self::Tls(_)
-            | Self::Policy { .. }
-            | Self::PolicyWithoutIdentity => 64,
-            Self::Bind { .. } | Self::Reflection(_) | Self::Serve(_) => 1,
-        }
-    }
-}
 
 /// What [`check`] derives from valid configuration.
 pub struct Checked {
@@ -138,16 +81,10 @@ pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, Startup
 
 fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
     if let Some(path) = &config.log_user_hash_key_file {
-        let failed = |reason: String| StartupError::HashKeyFile {
+        return UserHasher::from_key_file(path).map_err(|source| StartupError::HashKeyFile {
             path: path.display().to_string(),
-            reason,
-        };
-        let key = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
-        let key = key.strip_suffix(b"\n").unwrap_or(&key);
-        if key.is_empty() {
-            return Err(failed("the file is empty".into()));
-        }
-        return Ok(UserHasher::with_key(key));
+            source,
+        });
     }
     Ok(match &config.log_user_hash_key {
         Some(key) => UserHasher::with_key(key.as_bytes()),
@@ -210,7 +147,7 @@ impl Application {
             current
         });
         let authz = policy.map(|loaded| {
-            let current = Arc::new(CurrentPolicy::new(loaded.value));
+            let current = Arc::new(CurrentPolicy::from_pointee(loaded.value));
             reloads.push((
                 policy_reload(loaded.source, current.clone()),
                 loaded.contents,
@@ -341,9 +278,9 @@ impl Application {
             .map(|(watched, initial)| {
                 let metrics = self.metrics.clone();
                 let interval = lifecycle.reload_interval;
-                tokio::spawn(
-                    async move { reload::watch(watched, initial, interval, &metrics).await },
-                )
+                AbortOnDropHandle::new(tokio::spawn(async move {
+                    reload::watch(watched, initial, interval, &metrics).await;
+                }))
             })
             .collect();
         let incoming = incoming::accept(self.listener, self.tls, lifecycle.handshake_timeout);
@@ -409,9 +346,7 @@ impl Application {
         if let Some(stop) = health_stop {
             let _ = stop.send(());
         }
-        for reloader in reloaders {
-            reloader.abort();
-        }
+        drop(reloaders);
         result
     }
 }
@@ -422,49 +357,6 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupErro
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
-}
-
-/// Serves /metrics until the returned sender is used (or dropped). It stays
-/// up through the drain so the last scrape sees the shutdown.
-fn spawn_metrics_server(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    flow: SignOutFlow,
-    log_drops: Option<ErrorCounter>,
-) -> tokio::sync::oneshot::Sender<()> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
-        metrics.render(Sampled {
-            queue_depth: flow.budget().queue_depth(),
-            in_flight: flow.in_flight(),
-            current_rate: flow.budget().current_rate(),
-            log_lines_dropped: log_drops.as_ref().map_or(0, |c| c.dropped_lines() as u64),
-        })
-    });
-    tokio::spawn(crate::metrics::serve_metrics(listener, render, async {
-        let _ = stopped.await;
-    }));
-    stop
-}
-
-/// Serves grpc.health.v1 alone, in plaintext, for kubelet probes (which
-/// cannot speak TLS), until the returned sender is used.
-fn spawn_health_server(
-    listener: TcpListener,
-    health_service: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
-) -> tokio::sync::oneshot::Sender<()> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let incoming = incoming::accept(listener, None, Duration::ZERO);
-    tokio::spawn(
-        Server::builder()
-            .add_service(health_service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            }),
-    );
-    stop
 }
 
 /// The same status for the whole server (`""`) and for the API itself.
@@ -485,27 +377,4 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-}
-
-/// Resolves on the first SIGTERM (Kubernetes) or SIGINT (Ctrl-C). The
-/// handlers are installed when this is called, not when the future is first
-/// polled: a SIGTERM right after the "serving" line must drain, not kill.
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let terminate = signal(SignalKind::terminate());
-    let interrupt = signal(SignalKind::interrupt());
-    async move {
-        match (terminate, interrupt) {
-            (Ok(mut terminate), Ok(mut interrupt)) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = interrupt.recv() => {}
-                }
-            }
-            (Err(error), _) | (_, Err(error)) => {
-                tracing::warn!(%error, "cannot listen for signals; falling back to Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
 }

@@ -3,16 +3,17 @@
 //! configuration current at that moment; established connections keep the
 //! one they were accepted with.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, PoisonError, RwLock},
-};
+use std::{path::PathBuf, sync::Arc};
 
+use arc_swap::ArcSwap;
 use rustls::{
     RootCertStore, ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    pki_types::{
+        CertificateDer, PrivateKeyDer,
+        pem::{self, PemObject},
+    },
+    server::{VerifierBuilderError, WebPkiClientVerifier},
 };
 
 /// The PEM files behind a TLS configuration.
@@ -36,30 +37,68 @@ impl TlsFiles {
     }
 }
 
+/// The configuration new connections get; replaced on reload.
+pub type CurrentTlsConfig = ArcSwap<ServerConfig>;
+
+/// Why PEM contents do not make a server configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Fewer than two files' contents.
+    #[error("a certificate and a key are required")]
+    MissingFiles,
+    /// The certificate file is not PEM.
+    #[error("certificate: {0}")]
+    Certificate(#[source] pem::Error),
+    /// The certificate file holds no certificate.
+    #[error("certificate: no CERTIFICATE block in the file")]
+    NoCertificate,
+    /// The key file holds no usable private key.
+    #[error("private key: {0}")]
+    PrivateKey(#[source] pem::Error),
+    /// The crypto provider offers no safe protocol version.
+    #[error("{0}")]
+    Protocols(#[source] rustls::Error),
+    /// The key does not fit the certificate, or rustls refuses the pair.
+    #[error("certificate and key: {0}")]
+    CertificateAndKey(#[source] rustls::Error),
+    /// The client CA file is not PEM.
+    #[error("client CA: {0}")]
+    ClientCaPem(#[source] pem::Error),
+    /// A client CA certificate cannot be a trust anchor.
+    #[error("client CA certificate: {0}")]
+    ClientCaCertificate(#[source] rustls::Error),
+    /// The client CA file holds no certificate.
+    #[error("client CA: no CERTIFICATE block in the file")]
+    NoClientCa,
+    /// rustls cannot build a client verifier from the CA bundle.
+    #[error("client CA: {0}")]
+    ClientVerifier(#[source] VerifierBuilderError),
+}
+
 /// Builds a server configuration from the contents of [`TlsFiles::paths`]:
 /// certificate chain, key, and optionally the client CA bundle.
-pub fn server_config(contents: &[Vec<u8>]) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(contents: &[Vec<u8>]) -> Result<Arc<ServerConfig>, TlsError> {
     let [cert, key, client_ca @ ..] = contents else {
-        return Err("a certificate and a key are required".into());
+        return Err(TlsError::MissingFiles);
     };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let chain = CertificateDer::pem_slice_iter(cert)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate: {e}"))?;
+        .map_err(TlsError::Certificate)?;
     if chain.is_empty() {
-        return Err("certificate: no CERTIFICATE block in the file".into());
+        return Err(TlsError::NoCertificate);
     }
-    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("private key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(TlsError::PrivateKey)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .map_err(TlsError::Protocols)?;
     let builder = match client_ca.first() {
         None => builder.with_no_client_auth(),
         Some(bundle) => builder.with_client_cert_verifier(client_verifier(bundle, provider)?),
     };
     let mut config = builder
         .with_single_cert(chain, key)
-        .map_err(|e| format!("certificate and key: {e}"))?;
+        .map_err(TlsError::CertificateAndKey)?;
     // gRPC is HTTP/2 only; clients such as grpc-go insist on the ALPN.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
@@ -68,44 +107,18 @@ pub fn server_config(contents: &[Vec<u8>]) -> Result<Arc<ServerConfig>, String> 
 fn client_verifier(
     bundle: &[u8],
     provider: Arc<CryptoProvider>,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(bundle) {
-        let cert = cert.map_err(|e| format!("client CA: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("client CA certificate: {e}"))?;
+        let cert = cert.map_err(TlsError::ClientCaPem)?;
+        roots.add(cert).map_err(TlsError::ClientCaCertificate)?;
     }
     if roots.is_empty() {
-        return Err("client CA: no CERTIFICATE block in the file".into());
+        return Err(TlsError::NoClientCa);
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .map_err(|e| format!("client CA: {e}"))
-}
-
-/// The configuration new connections get; replaced on reload.
-#[derive(Debug)]
-pub struct CurrentTlsConfig(RwLock<Arc<ServerConfig>>);
-
-impl CurrentTlsConfig {
-    /// Starts with `config`.
-    pub fn new(config: Arc<ServerConfig>) -> Self {
-        Self(RwLock::new(config))
-    }
-
-    /// The configuration for a connection accepted now.
-    pub fn get(&self) -> Arc<ServerConfig> {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Replaces the configuration for connections accepted from now on.
-    pub fn set(&self, config: Arc<ServerConfig>) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = config;
-    }
+        .map_err(TlsError::ClientVerifier)
 }
 
 #[cfg(test)]
@@ -115,7 +128,9 @@ mod tests {
     #[test]
     fn unusable_pem_is_refused_with_the_part_named() {
         let garbage = b"not pem".to_vec();
-        let error = server_config(&[garbage.clone(), garbage.clone()]).expect_err("no cert");
+        let error = server_config(&[garbage.clone(), garbage.clone()])
+            .expect_err("no cert")
+            .to_string();
         assert!(error.starts_with("certificate"), "{error}");
         assert!(server_config(&[garbage]).is_err(), "key missing");
     }

@@ -2,14 +2,15 @@
 //! TLS handshake checked, or (only when the operator trusts a sidecar in
 //! front) the certificate that sidecar reports in `x-forwarded-client-cert`.
 
+mod caller_id;
 mod xfcc;
+
+use std::{net::SocketAddr, sync::Arc};
 
 use tonic::metadata::MetadataMap;
 use x509_parser::{extensions::GeneralName, prelude::FromDer, prelude::X509Certificate};
 
-pub use xfcc::MalformedXfcc;
-
-use crate::{incoming::PeerInfo, limiter::CallerId};
+pub use self::{caller_id::CallerId, xfcc::MalformedXfcc};
 
 /// Envoy's header naming the client certificate it verified.
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
@@ -17,6 +18,20 @@ pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
 /// Longest `x-forwarded-client-cert` value parsed. It can carry the URL-encoded
 /// certificate (`Cert=`), a few KiB; anything longer is refused.
 const MAX_XFCC_BYTES: usize = 8 * 1024;
+
+/// What the handler can learn about a call's connection (a request
+/// extension, through tonic's `Connected`, implemented by
+/// [`crate::incoming::Conn`]).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The client's address.
+    pub remote_addr: Option<SocketAddr>,
+    /// The identity the client certificate names (see
+    /// [`certificate_identity`]), when the client sent one; the TLS
+    /// handshake already verified it against the client CA. Read once per
+    /// connection, not per call.
+    pub certificate_identity: Option<Arc<str>>,
+}
 
 /// Where a verified identity came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +129,6 @@ pub fn certificate_identity(der: &[u8]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use rustls::pki_types::CertificateDer;
 
     use super::*;

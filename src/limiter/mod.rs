@@ -8,4 +8,4 @@ mod gcra;
 pub use budget::{
     BudgetSettings, RateLimitCause, RateLimited, Reservation, ReservationDeadline, UpstreamBudget,
 };
-pub use callers::{CallerId, CallerLimits, CallerRateLimited, CallerSettings};
+pub use callers::{CallerLimits, CallerRateLimited, CallerSettings};

@@ -18,8 +18,8 @@ use crate::{
     cognito::SignedOut,
     domain::{UserPoolId, Username},
     error::{SignOutError, UpstreamError, UpstreamErrorKind},
-    identity::IdentitySource,
-    limiter::{CallerId, RateLimitCause, RateLimited, Reservation, ReservationDeadline},
+    identity::{CallerId, IdentitySource},
+    limiter::{RateLimitCause, RateLimited, Reservation, ReservationDeadline},
 };
 
 pub(super) type Outcome = Result<SignedOut, SignOutError>;

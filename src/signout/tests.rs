@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use super::*;
 use crate::{
     cognito::{SignOutUpstream, SignedOut, UpstreamFuture},
-    identity::IdentitySource,
-    limiter::{BudgetSettings, CallerId},
+    identity::{CallerId, IdentitySource},
+    limiter::BudgetSettings,
 };
 
 const MS: Duration = Duration::from_millis(1);

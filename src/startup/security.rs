@@ -25,7 +25,7 @@ pub struct Loaded<Source, Value> {
 pub(super) fn load_tls(
     files: TlsFiles,
 ) -> Result<Loaded<TlsFiles, Arc<rustls::ServerConfig>>, StartupError> {
-    let contents = reload::read_files(&files.paths()).map_err(StartupError::Tls)?;
+    let contents = reload::read_files(&files.paths()).map_err(StartupError::TlsFiles)?;
     let value = tls::server_config(&contents).map_err(StartupError::Tls)?;
     Ok(Loaded {
         source: files,
@@ -35,12 +35,16 @@ pub(super) fn load_tls(
 }
 
 pub(super) fn load_policy(path: PathBuf) -> Result<Loaded<PathBuf, Policy>, StartupError> {
-    let failed = |reason: String| StartupError::Policy {
+    let contents = reload::read_files(std::slice::from_ref(&path)).map_err(|source| {
+        StartupError::PolicyFile {
+            path: path.display().to_string(),
+            source,
+        }
+    })?;
+    let value = Policy::parse(&path, &contents[0]).map_err(|source| StartupError::Policy {
         path: path.display().to_string(),
-        reason,
-    };
-    let contents = reload::read_files(std::slice::from_ref(&path)).map_err(failed)?;
-    let value = Policy::parse(&path, &contents[0]).map_err(|e| failed(e.to_string()))?;
+        source,
+    })?;
     Ok(Loaded {
         source: path,
         contents,
@@ -78,7 +82,7 @@ pub(super) fn tls_reload(files: TlsFiles, current: Arc<CurrentTlsConfig>) -> Wat
         kind: "tls",
         paths: files.paths(),
         apply: Box::new(move |contents| {
-            current.set(tls::server_config(contents)?);
+            current.store(tls::server_config(contents)?);
             Ok(())
         }),
     }
@@ -90,9 +94,9 @@ pub(super) fn policy_reload(path: PathBuf, current: Arc<CurrentPolicy>) -> Watch
         kind: "authz_policy",
         paths: vec![path.clone()],
         apply: Box::new(move |contents| {
-            let policy = Policy::parse(&path, &contents[0]).map_err(|e| e.to_string())?;
+            let policy = Policy::parse(&path, &contents[0])?;
             tracing::info!(rules = policy.len(), "authorization policy replaced");
-            current.set(policy);
+            current.store(Arc::new(policy));
             Ok(())
         }),
     }

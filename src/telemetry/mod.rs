@@ -20,7 +20,7 @@ use tracing_subscriber::{
 };
 
 pub use rpc_layer::{AccessNote, RpcTelemetryLayer, code_name};
-pub use user_hash::UserHasher;
+pub use user_hash::{HashKeyError, UserHasher};
 
 use crate::config::LogFormat;
 

@@ -2,11 +2,22 @@
 //! (so an operator can follow one user), but the value reveals nothing
 //! without the key.
 
-use std::fmt;
+use std::{fmt, io, path::Path};
 
 use aws_lc_rs::hmac;
 
 use crate::domain::Username;
+
+/// Why a key file gives no key.
+#[derive(Debug, thiserror::Error)]
+pub enum HashKeyError {
+    /// The file cannot be read.
+    #[error("{0}")]
+    Read(#[from] io::Error),
+    /// The file holds nothing but, at most, a newline.
+    #[error("the file is empty")]
+    Empty,
+}
 
 /// HMAC-SHA256 of usernames, truncated to 96 bits (24 hex characters).
 #[derive(Clone)]
@@ -26,6 +37,17 @@ impl UserHasher {
         Self {
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
         }
+    }
+
+    /// A hasher with the key in `path` (one trailing newline ignored), so
+    /// the key can come from a mounted Secret.
+    pub fn from_key_file(path: &Path) -> Result<Self, HashKeyError> {
+        let key = std::fs::read(path)?;
+        let key = key.strip_suffix(b"\n").unwrap_or(&key);
+        if key.is_empty() {
+            return Err(HashKeyError::Empty);
+        }
+        Ok(Self::with_key(key))
     }
 
     /// A hasher with a random key: hashes match only within this process.
