@@ -163,17 +163,37 @@ async fn a_noisy_caller_at_ten_times_its_share_does_not_hurt_a_quiet_one() {
     }
 }
 
-#[tokio::test]
-async fn queued_duplicates_share_one_call_but_not_one_already_in_flight() {
+/// A server at `rate`/s, burst 1, whose only burst permit a warm-up call
+/// has taken; from then on the fake holds every call for 1 s.
+async fn spent_burst_then_slow_cognito(rate: f64) -> (FakeCognito, TestApp) {
     let fake = FakeCognito::start(Reply::Ok).await;
     let mut config = test_config(&fake.endpoint());
-    config.rate_limit_rps = 1.0;
+    config.rate_limit_rps = rate;
     config.rate_limit_burst = 1;
     let app = TestApp::spawn(config).await;
     sign_out_as(app.client.clone(), "svc", "warm-up")
         .await
         .expect("takes the only burst permit");
     fake.set_reply(Reply::Delayed(Duration::from_secs(1), Box::new(Reply::Ok)));
+    (fake, app)
+}
+
+/// Waits (at most 10 s) until `/metrics` shows `depth` requests queued.
+async fn wait_until_queued(app: &TestApp, depth: usize) {
+    let expected = format!("session_rate_limit_queue_depth {depth}");
+    let queued = async {
+        while !metrics_text(app.metrics_addr).await.contains(&expected) {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("the request queues");
+}
+
+#[tokio::test]
+async fn queued_duplicates_share_one_call_but_not_one_already_in_flight() {
+    let (fake, app) = spent_burst_then_slow_cognito(1.0).await;
 
     // 50 sign-outs of one user, all queued behind the next permit (1 s away).
     let joined: Vec<_> = (0..50)
@@ -193,17 +213,7 @@ async fn queued_duplicates_share_one_call_but_not_one_already_in_flight() {
     // request for alice must not join it. It reaches the service (queued
     // for the next permit) while the fake still holds the first call.
     let late = tokio::spawn(sign_out_as(app.client.clone(), "svc", "alice"));
-    let queued = async {
-        while !metrics_text(app.metrics_addr)
-            .await
-            .contains("session_rate_limit_queue_depth 1")
-        {
-            tokio::task::yield_now().await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), queued)
-        .await
-        .expect("the late request queues");
+    wait_until_queued(&app, 1).await;
     assert!(
         joined.iter().all(|call| !call.is_finished()),
         "the first call was still held when the late request queued"
@@ -301,16 +311,8 @@ async fn sign_out_within(client: Client, caller: &str, timeout: Duration) -> Cal
 
 #[tokio::test]
 async fn each_joiner_keeps_its_own_deadline() {
-    let fake = FakeCognito::start(Reply::Ok).await;
-    let mut config = test_config(&fake.endpoint());
     // The next permit is 2 s after the warm-up; Cognito then takes 1 s.
-    config.rate_limit_rps = 0.5;
-    config.rate_limit_burst = 1;
-    let app = TestApp::spawn(config).await;
-    sign_out_as(app.client.clone(), "svc", "warm-up")
-        .await
-        .expect("takes the only burst permit");
-    fake.set_reply(Reply::Delayed(Duration::from_secs(1), Box::new(Reply::Ok)));
+    let (fake, app) = spent_burst_then_slow_cognito(0.5).await;
 
     // First in: enough time for the permit, not for Cognito's answer.
     let short = tokio::spawn(sign_out_within(
@@ -318,17 +320,7 @@ async fn each_joiner_keeps_its_own_deadline() {
         "web",
         Duration::from_millis(2500),
     ));
-    let queued = async {
-        while !metrics_text(app.metrics_addr)
-            .await
-            .contains("session_rate_limit_queue_depth 1")
-        {
-            tokio::task::yield_now().await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), queued)
-        .await
-        .expect("the first request queues");
+    wait_until_queued(&app, 1).await;
     // Joins with plenty of time: gets the sign-out done.
     let long = tokio::spawn(sign_out_within(
         app.client.clone(),
