@@ -6,7 +6,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, LazyLock, Mutex, PoisonError},
     task::{Context, Poll},
     time::Instant,
 };
@@ -64,20 +64,19 @@ impl AccessNote {
 #[derive(Debug, Clone)]
 pub struct RpcTelemetryLayer {
     metrics: Arc<Metrics>,
-    methods: Arc<ApiMethods>,
 }
 
 impl RpcTelemetryLayer {
     /// Records RPC durations into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            metrics,
-            methods: Arc::new(ApiMethods::from_descriptors(
-                crate::proto::FILE_DESCRIPTOR_SET,
-            )),
-        }
+        Self { metrics }
     }
 }
+
+/// Our API's methods, read once per process from the embedded descriptors
+/// (every server built in the process shares them, and their leaked names).
+static API_METHODS: LazyLock<ApiMethods> =
+    LazyLock::new(|| ApiMethods::from_descriptors(crate::proto::FILE_DESCRIPTOR_SET));
 
 /// The methods our protos declare, as (service, method) names: a handful,
 /// so a list beats a map.
@@ -86,7 +85,7 @@ struct ApiMethods(Vec<(String, &'static str)>);
 
 impl ApiMethods {
     /// The methods of every service in an encoded `FileDescriptorSet`. The
-    /// names are leaked once, at start, so labels are `&'static str`.
+    /// names are leaked (once, see `API_METHODS`) so labels are `&'static str`.
     fn from_descriptors(encoded: &[u8]) -> Self {
         let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
             return Self::default();
@@ -120,7 +119,6 @@ impl<S> Layer<S> for RpcTelemetryLayer {
         RpcTelemetry {
             inner,
             metrics: self.metrics.clone(),
-            methods: self.methods.clone(),
             propagator: Arc::new(TextMapCompositePropagator::new(vec![
                 Box::new(TraceContextPropagator::new()),
                 Box::new(BaggagePropagator::new()),
@@ -134,7 +132,6 @@ impl<S> Layer<S> for RpcTelemetryLayer {
 pub struct RpcTelemetry<S> {
     inner: S,
     metrics: Arc<Metrics>,
-    methods: Arc<ApiMethods>,
     propagator: Arc<TextMapCompositePropagator>,
 }
 
@@ -166,7 +163,7 @@ where
         // Only methods the proto declares become labels; any other path
         // under our prefix (UNIMPLEMENTED) is "unknown", so callers cannot
         // mint label values.
-        let method = self.methods.label(service, method);
+        let method = API_METHODS.label(service, method);
         let parent = self.propagator.extract(&HeaderExtractor(request.headers()));
         let span = tracing::info_span!(
             "rpc",
