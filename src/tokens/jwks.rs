@@ -1,7 +1,9 @@
 //! Each pool's signing keys (its JWKS), cached. A known `kid` costs no
-//! network call; an unknown one refetches the set at most once per penalty
-//! period per pool, and concurrent refetches of a pool merge into one (the
-//! rules of awslabs/aws-jwt-verify).
+//! network call; an unknown one refetches the set, unless a fetch in the
+//! last penalty period failed or did not hold the `kid` it was made for, and
+//! concurrent refetches of a pool merge into one (the rules of
+//! awslabs/aws-jwt-verify). So a rotated key is found by one refetch, and
+//! a stream of made-up kids costs one fetch per penalty period.
 
 use std::{
     collections::HashMap,
@@ -64,8 +66,12 @@ type KeySet = Arc<HashMap<String, DecodingKey>>;
 #[derive(Default)]
 struct PoolState {
     keys: Option<KeySet>,
-    /// When the last fetch finished, and whether it failed.
-    last_fetch: Option<(Instant, Option<JwksError>)>,
+    /// No fetch before this: set by a fetch that failed or that did not
+    /// hold the `kid` it was made for (an attacker's random kids).
+    quiet_until: Option<Instant>,
+    /// The last fetch failed: an unknown `kid` may be in the JWKS we could
+    /// not read, so it is not the token's fault.
+    last_error: Option<JwksError>,
     /// Counts finished fetches: a waiter that sees it move knows its
     /// refetch was done by someone else and must not start another.
     generation: u64,
@@ -127,10 +133,7 @@ impl JwksCache {
         {
             let state = lock(&entry.state);
             let fetched_meanwhile = state.generation != seen;
-            let in_penalty = state
-                .last_fetch
-                .as_ref()
-                .is_some_and(|(at, _)| now < *at + self.penalty);
+            let in_penalty = state.quiet_until.is_some_and(|until| now < until);
             if fetched_meanwhile || in_penalty {
                 return self.lookup(&state, kid, now);
             }
@@ -142,12 +145,15 @@ impl JwksCache {
         state.generation += 1;
         match fetched {
             Ok(keys) => {
+                let found = keys.contains_key(kid);
                 state.keys = Some(Arc::new(keys));
-                state.last_fetch = Some((now, None));
+                state.last_error = None;
+                state.quiet_until = (!found).then_some(now + self.penalty);
             }
             Err(error) => {
                 tracing::warn!(user_pool_id = pool.as_str(), %error, "JWKS fetch failed");
-                state.last_fetch = Some((now, Some(error)));
+                state.last_error = Some(error);
+                state.quiet_until = Some(now + self.penalty);
             }
         }
         self.lookup(&state, kid, now)
@@ -163,16 +169,18 @@ impl JwksCache {
         if let Some(key) = state.keys.as_ref().and_then(|keys| keys.get(kid)) {
             return Ok(key.clone());
         }
-        match &state.last_fetch {
+        match &state.last_error {
             // The key may be in the JWKS we could not read: not the token's fault.
-            Some((at, Some(error))) => {
-                let retry_after = (*at + self.penalty).saturating_duration_since(now);
+            Some(error) => {
+                let retry_after = state
+                    .quiet_until
+                    .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
                 Err(KeyLookupError::Unavailable {
                     retry_after: retry_after.max(Duration::from_secs(1)),
                     source: error.clone(),
                 })
             }
-            _ => Err(KeyLookupError::UnknownKid),
+            None => Err(KeyLookupError::UnknownKid),
         }
     }
 
