@@ -106,7 +106,9 @@ async fn a_real_sign_ins_access_and_id_tokens_verify_and_forgeries_do_not() {
     let no_kid = format!("{}.{payload}.{signature}", encode(&json!({"alg": "RS256"})));
 
     use InactiveReason as R;
-    let cases: Vec<(&str, &str, &str, TokenUse, &[&str], R)> = vec![
+    // (name, token, pool, expected use, accepted clients, reason)
+    type Case<'a> = (&'a str, &'a str, &'a str, TokenUse, &'a [&'a str], R);
+    let cases: Vec<Case> = vec![
         (
             "another pool's token (same key, other iss)",
             &user.access_token,
