@@ -205,3 +205,64 @@ async fn an_expired_token_is_inactive_with_reason_expired() {
     assert_eq!(response.inactive_reason, i32::from(InactiveReason::Expired));
     assert!(response.sub.is_empty(), "no claims of an inactive token");
 }
+
+#[tokio::test]
+async fn the_policy_grants_verifytoken_only_to_rules_that_name_it() {
+    let key = MintKey::generate("k1");
+    let jwks = JwksServer::start(mint::jwks(&[&key])).await;
+    let dir = crate::helpers::scratch_dir("verify-authz");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "rules:\n  - caller: spiffe://prod.test/ns/billing/*\n    pools: [{POOL}]\n  \
+             - caller: spiffe://prod.test/ns/gateway/*\n    pools: [\"*\"]\n    rpcs: [VerifyToken]\n"
+        ),
+    )
+    .expect("write policy");
+    let mut config = test_config(&jwks.endpoint());
+    config.security.trust_forwarded_client_cert = true;
+    config.security.authz_policy = Some(policy);
+    let app = TestApp::spawn(config).await;
+    let as_caller = |uri: &str| {
+        let mut request = tonic::Request::new(VerifyTokenRequest {
+            token: token(&key),
+            user_pool_id: POOL.into(),
+            ..Default::default()
+        });
+        let xfcc = format!("By=spiffe://prod.test/ns/session/sa/api;URI={uri}");
+        request
+            .metadata_mut()
+            .insert("x-forwarded-client-cert", xfcc.parse().expect("ascii"));
+        request
+    };
+    let mut client = app.client.clone();
+
+    let gateway = client
+        .verify_token(as_caller("spiffe://prod.test/ns/gateway/sa/edge"))
+        .await
+        .expect("granted");
+    let billing = client
+        .verify_token(as_caller("spiffe://prod.test/ns/billing/sa/api"))
+        .await
+        .expect_err("a rule without rpcs grants GlobalSignOut only");
+    let stranger = client
+        .verify_token(as_caller("spiffe://prod.test/ns/games/sa/api"))
+        .await
+        .expect_err("no rule");
+
+    assert!(gateway.into_inner().active);
+    assert_error(
+        &billing,
+        Code::PermissionDenied,
+        "RPC_NOT_ALLOWED_FOR_CALLER",
+        false,
+    );
+    assert_error(
+        &stranger,
+        Code::PermissionDenied,
+        "CALLER_NOT_ALLOWED",
+        false,
+    );
+    assert_eq!(jwks.fetches(), 1, "refused calls fetch nothing");
+}
