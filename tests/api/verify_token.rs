@@ -163,7 +163,7 @@ async fn a_warm_cache_still_verifies_when_the_jwks_is_down_and_a_cold_one_is_una
 }
 
 #[tokio::test]
-async fn oversized_and_empty_tokens_are_refused_before_any_fetch() {
+async fn oversized_empty_and_wrong_algorithm_tokens_are_refused_before_any_fetch() {
     let key = MintKey::generate("k1");
     let jwks = JwksServer::start(mint::jwks(&[&key])).await;
     let app = app_with(&jwks, &[]).await;
@@ -175,6 +175,20 @@ async fn oversized_and_empty_tokens_are_refused_before_any_fetch() {
         .await
         .expect_err("100 KiB");
     let empty = verify(&app, "", POOL).await.expect_err("empty");
+
+    // Wrong algorithms are refused before any key lookup: no fetch either.
+    let payload = mint::encode_json(&mint::access_claims(REGION, POOL, CLIENT, now()));
+    for alg in ["none", "HS256", "RS512", "PS256"] {
+        let header = mint::encode_json(&serde_json::json!({"alg": alg, "kid": "k1"}));
+        let response = verify(&app, &format!("{header}.{payload}.c2ln"), POOL)
+            .await
+            .expect("a verdict");
+        assert_eq!(
+            response.inactive_reason,
+            i32::from(InactiveReason::Invalid),
+            "{alg}"
+        );
+    }
 
     assert_error(&nine_kib, Code::InvalidArgument, "INVALID_FIELD", false);
     assert_error(&empty, Code::InvalidArgument, "INVALID_FIELD", false);
