@@ -18,10 +18,11 @@ pub struct TokenConfig {
     #[arg(long, env = "SESSION_TOKEN_LEEWAY", default_value = "5s", value_name = "DURATION", value_parser = parse_leeway)]
     pub token_leeway: Duration,
 
-    /// Least time between two fetches of one pool's JWKS caused by a token
-    /// whose kid is not in the cached set (or after a failed fetch): N bad
-    /// tokens cost at most one fetch per period. Cognito rotates keys
-    /// rarely; a new kid is found at once unless a fetch came within it.
+    /// After a fetch of a pool's JWKS that failed, or that did not hold the
+    /// kid it was made for, no other fetch of that pool for this long: tokens
+    /// with made-up kids cost at most one fetch per period. A rotated key is
+    /// found at once (its first token refetches) unless such a fetch came
+    /// within the period.
     #[arg(long, env = "SESSION_JWKS_REFETCH_PENALTY", default_value = "10s", value_name = "DURATION", value_parser = super::parse_duration)]
     pub jwks_refetch_penalty: Duration,
 
