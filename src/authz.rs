@@ -1,14 +1,18 @@
 //! The authorization policy (`--authz-policy`): which verified callers may
-//! sign out users of which pools. Default-deny once configured; reloaded
+//! use which RPCs on which pools. Default-deny once configured; reloaded
 //! when the file changes, keeping the old policy if the new one is invalid.
 //!
 //! ```yaml
 //! rules:
 //!   - caller: spiffe://prod.example/ns/billing/sa/api   # exact
-//!     pools: [eu-west-1_AbCdEf123]
+//!     pools: [eu-west-1_AbCdEf123]                       # rpcs: GlobalSignOut
 //!   - caller: spiffe://prod.example/ns/support/*        # prefix
 //!     pools: ["*"]                                       # every allowed pool
+//!     rpcs: [GlobalSignOut, VerifyToken]
 //! ```
+//!
+//! A rule without `rpcs` grants GlobalSignOut only, what every rule meant
+//! before VerifyToken existed: older files keep their exact meaning.
 
 use std::path::Path;
 
@@ -34,10 +38,23 @@ enum Pools {
     Listed(Vec<UserPoolId>),
 }
 
+/// The RPCs a rule can grant, by their proto names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Rpc {
+    /// `GlobalSignOut`.
+    GlobalSignOut,
+    /// `VerifyToken`.
+    VerifyToken,
+    /// `WatchRevocations` (the revocation stream), named now so that
+    /// policies can be written before it ships.
+    WatchRevocations,
+}
+
 #[derive(Debug, Clone)]
 struct Rule {
     caller: CallerPattern,
     pools: Pools,
+    rpcs: Vec<Rpc>,
 }
 
 /// A parsed, validated policy.
@@ -55,6 +72,9 @@ pub enum Denied {
     /// Rules name the caller, but none of them this pool.
     #[error("the caller may not act on this user pool")]
     PoolNotAllowedForCaller,
+    /// Rules name the caller, but none grants it this RPC.
+    #[error("the caller may not use this RPC")]
+    RpcNotAllowedForCaller,
 }
 
 /// A policy file that cannot be used, with the place it went wrong.
@@ -94,6 +114,11 @@ pub enum RuleError {
     /// `pools: []`.
     #[error("pools: list at least one pool id, or \"*\"")]
     NoPools,
+    /// `rpcs: []`.
+    #[error(
+        "rpcs: list at least one of GlobalSignOut, VerifyToken, WatchRevocations, or leave it out"
+    )]
+    NoRpcs,
     /// A pool id that is not one.
     #[error("pools: {id:?}: {}", source.description)]
     Pool {
@@ -115,6 +140,7 @@ struct PolicyFile {
 struct RuleFile {
     caller: String,
     pools: Vec<String>,
+    rpcs: Option<Vec<Rpc>>,
 }
 
 impl Policy {
@@ -163,16 +189,26 @@ impl Policy {
         }
     }
 
-    /// Whether `caller` (verified, or `None`) may act on `pool`. A caller
-    /// may use every pool of every rule that matches it.
-    pub fn authorize(&self, caller: Option<&CallerId>, pool: &UserPoolId) -> Result<(), Denied> {
+    /// Whether `caller` (verified, or `None`) may use `rpc` on `pool`. A
+    /// caller may use every pool of every rule that matches it and grants
+    /// the RPC.
+    pub fn authorize(
+        &self,
+        caller: Option<&CallerId>,
+        rpc: Rpc,
+        pool: &UserPoolId,
+    ) -> Result<(), Denied> {
         self.knows(caller)?;
-        let allowed = caller.is_some_and(|caller| {
+        let granting: Vec<&Rule> = caller.map_or_else(Vec::new, |caller| {
             self.rules
                 .iter()
-                .any(|rule| rule.caller.matches(caller.as_str()) && rule.pools.contains(pool))
+                .filter(|rule| rule.caller.matches(caller.as_str()) && rule.rpcs.contains(&rpc))
+                .collect()
         });
-        if allowed {
+        if granting.is_empty() {
+            return Err(Denied::RpcNotAllowedForCaller);
+        }
+        if granting.iter().any(|rule| rule.pools.contains(pool)) {
             Ok(())
         } else {
             Err(Denied::PoolNotAllowedForCaller)
@@ -202,7 +238,16 @@ impl Rule {
             });
             Pools::Listed(pools.collect::<Result<_, _>>()?)
         };
-        Ok(Self { caller, pools })
+        let rpcs = match rule.rpcs {
+            None => vec![Rpc::GlobalSignOut],
+            Some(rpcs) if rpcs.is_empty() => return Err(RuleError::NoRpcs),
+            Some(rpcs) => rpcs,
+        };
+        Ok(Self {
+            caller,
+            pools,
+            rpcs,
+        })
     }
 }
 
@@ -258,20 +303,36 @@ rules:
         let policy = yaml(YAML).expect("valid");
         let billing = caller("spiffe://prod/ns/billing/sa/api");
         assert_eq!(
-            policy.authorize(Some(&billing), &pool("eu-west-1_Billing1")),
+            policy.authorize(
+                Some(&billing),
+                Rpc::GlobalSignOut,
+                &pool("eu-west-1_Billing1")
+            ),
             Ok(())
         );
         assert_eq!(
-            policy.authorize(Some(&billing), &pool("eu-west-1_Shared1")),
+            policy.authorize(
+                Some(&billing),
+                Rpc::GlobalSignOut,
+                &pool("eu-west-1_Shared1")
+            ),
             Ok(())
         );
         assert_eq!(
-            policy.authorize(Some(&billing), &pool("eu-west-1_Other1")),
+            policy.authorize(
+                Some(&billing),
+                Rpc::GlobalSignOut,
+                &pool("eu-west-1_Other1")
+            ),
             Err(Denied::PoolNotAllowedForCaller)
         );
         let support = caller("spiffe://prod/ns/support/sa/desk");
         assert_eq!(
-            policy.authorize(Some(&support), &pool("eu-west-1_Other1")),
+            policy.authorize(
+                Some(&support),
+                Rpc::GlobalSignOut,
+                &pool("eu-west-1_Other1")
+            ),
             Ok(())
         );
     }
@@ -281,14 +342,60 @@ rules:
         let policy = yaml(YAML).expect("valid");
         let stranger = caller("spiffe://prod/ns/billing-evil/sa/x");
         assert_eq!(
-            policy.authorize(Some(&stranger), &pool("eu-west-1_Shared1")),
+            policy.authorize(
+                Some(&stranger),
+                Rpc::GlobalSignOut,
+                &pool("eu-west-1_Shared1")
+            ),
             Err(Denied::CallerNotAllowed),
             "a prefix ending in / does not match a sibling namespace"
         );
         assert_eq!(
-            policy.authorize(None, &pool("eu-west-1_Billing1")),
+            policy.authorize(None, Rpc::GlobalSignOut, &pool("eu-west-1_Billing1")),
             Err(Denied::CallerNotAllowed)
         );
+    }
+
+    #[test]
+    fn rules_grant_only_the_rpcs_they_name_and_globalsignout_when_silent() {
+        let policy = yaml(
+            r#"
+rules:
+  - caller: spiffe://prod/ns/billing/sa/api
+    pools: [eu-west-1_Billing1]
+  - caller: spiffe://prod/ns/gateway/*
+    pools: ["*"]
+    rpcs: [VerifyToken]
+"#,
+        )
+        .expect("valid");
+        let billing = caller("spiffe://prod/ns/billing/sa/api");
+        let gateway = caller("spiffe://prod/ns/gateway/sa/edge");
+        let billing_pool = pool("eu-west-1_Billing1");
+        assert_eq!(
+            policy.authorize(Some(&billing), Rpc::GlobalSignOut, &billing_pool),
+            Ok(())
+        );
+        assert_eq!(
+            policy.authorize(Some(&billing), Rpc::VerifyToken, &billing_pool),
+            Err(Denied::RpcNotAllowedForCaller),
+            "a rule without rpcs means what it meant before VerifyToken"
+        );
+        assert_eq!(
+            policy.authorize(Some(&gateway), Rpc::VerifyToken, &billing_pool),
+            Ok(())
+        );
+        assert_eq!(
+            policy.authorize(Some(&gateway), Rpc::GlobalSignOut, &billing_pool),
+            Err(Denied::RpcNotAllowedForCaller)
+        );
+        assert!(
+            yaml("rules:\n  - caller: a\n    pools: [\"*\"]\n    rpcs: []\n")
+                .expect_err("empty rpcs")
+                .to_string()
+                .contains("rules[0]: rpcs")
+        );
+        assert!(yaml("rules:\n  - caller: a\n    pools: [\"*\"]\n    rpcs: [Nope]\n").is_err());
     }
 
     #[test]
@@ -301,7 +408,11 @@ pools = ["eu-west-1_Billing1"]
         let policy = Policy::parse(Path::new("p.toml"), toml.as_bytes()).expect("valid");
         let billing = caller("spiffe://prod/ns/billing/sa/api");
         assert_eq!(
-            policy.authorize(Some(&billing), &pool("eu-west-1_Billing1")),
+            policy.authorize(
+                Some(&billing),
+                Rpc::GlobalSignOut,
+                &pool("eu-west-1_Billing1")
+            ),
             Ok(())
         );
     }

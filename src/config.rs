@@ -2,11 +2,13 @@
 //! variable; `--help` lists both. Values are validated here, once, at start.
 
 mod security;
+mod tokens;
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
 pub use security::SecurityConfig;
+pub use tokens::TokenConfig;
 
 use crate::{
     cognito::UpstreamSettings,
@@ -33,6 +35,10 @@ pub struct Config {
     /// TLS, identity, authorization and connection bounds.
     #[command(flatten)]
     pub security: SecurityConfig,
+
+    /// VerifyToken: leeway and JWKS fetching.
+    #[command(flatten)]
+    pub tokens: TokenConfig,
 
     /// User pool used when a request leaves user_pool_id empty. Without it,
     /// such requests fail with INVALID_ARGUMENT.

@@ -7,6 +7,9 @@ use regex::Regex;
 
 use crate::proto::GlobalSignOutRequest;
 
+mod verify;
+pub use verify::{BearerToken, ClientId, ExpectedUse, MAX_TOKEN_BYTES, VerifyCommand};
+
 /// Cognito's documented pattern for a user pool id. `\w` is spelled out in
 /// ASCII because AWS means the Java (ASCII) class, while Rust's is Unicode.
 static USER_POOL_ID: LazyLock<Regex> = LazyLock::new(|| {

@@ -1,5 +1,5 @@
-//! The one error type of a sign-out and the one place that turns it into a
-//! gRPC status. Callers get a short, safe message plus machine-readable
+//! The one error type of the API (a sign-out or a token verification) and
+//! the one place that turns it into a gRPC status. Callers get a short, safe message plus machine-readable
 //! details; the full cause chain stays in the logs.
 
 use std::{collections::HashMap, error::Error as StdError, fmt, sync::Arc, time::Duration};
@@ -12,6 +12,7 @@ use crate::{
     domain::InvalidField,
     identity::IdentityError,
     limiter::{CallerRateLimited, RateLimitCause, RateLimited},
+    tokens::KeysUnavailable,
 };
 
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
@@ -54,6 +55,10 @@ pub enum SignOutError {
     /// Cognito was called and the call failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// VerifyToken: the pool's JWKS could not be fetched and the key is not
+    /// cached. Not the token's fault, so never `active = false`.
+    #[error(transparent)]
+    KeysUnavailable(#[from] KeysUnavailable),
 }
 
 /// A failed AdminUserGlobalSignOut call, after the service's retries.
@@ -326,6 +331,24 @@ fn status_parts(error: &SignOutError) -> (StatusRow, ErrorDetails, HashMap<Strin
                 false,
             ),
             ErrorDetails::new(),
+        ),
+        SignOutError::Unauthorized(Denied::RpcNotAllowedForCaller) => (
+            row(
+                Code::PermissionDenied,
+                "RPC_NOT_ALLOWED_FOR_CALLER",
+                "this caller may not use this RPC",
+                false,
+            ),
+            ErrorDetails::new(),
+        ),
+        SignOutError::KeysUnavailable(unavailable) => (
+            row(
+                Code::Unavailable,
+                "JWKS_UNAVAILABLE",
+                "the user pool's signing keys could not be fetched",
+                true,
+            ),
+            ErrorDetails::with_retry_info(Some(unavailable.retry_after)),
         ),
         SignOutError::CallerRateLimited(limited) => (
             row(

@@ -6,7 +6,8 @@
 //! health, reflection) → [`service`] (handler) → [`domain`] (validation) →
 //! [`pools`] (which pool) → [`limiter`] (per-caller limits) → [`signout`]
 //! (coalesced jobs, shared budget, retries, audit) → [`cognito`] (the SDK
-//! call) → [`error`] (the status table).
+//! call) → [`error`] (the status table). VerifyToken takes the same path to
+//! the pool, then [`tokens`] (JWKS cache and checks) instead of the flow.
 //! Who is calling: [`identity`] owns the caller (its id, the connection's
 //! peer, certificate and XFCC identities) and depends on none of the
 //! others; [`incoming`] (TLS accept, with [`tls`]) fills in its `PeerInfo`,
@@ -30,6 +31,7 @@ pub mod signout;
 pub mod startup;
 pub mod telemetry;
 pub mod tls;
+pub mod tokens;
 
 /// Code generated from `proto/session/v1/session.proto`.
 #[allow(clippy::all, clippy::pedantic, unreachable_pub)]

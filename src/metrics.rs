@@ -241,6 +241,11 @@ impl Metrics {
             .set(i64::from(!ok));
     }
 
+    /// The registry, for parts that register metrics of their own (tokens).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every metric, gauges sampled now.
     pub fn render(&self, sampled: Sampled) -> String {
         self.queue_depth

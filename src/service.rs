@@ -1,5 +1,8 @@
-//! The gRPC handler: identify the caller, validate, resolve the pool, check
-//! the caller's rate, then hand over to the sign-out flow.
+//! The gRPC handlers: identify the caller, validate, resolve the pool,
+//! authorize; GlobalSignOut then checks the caller's rate and hands over to
+//! the sign-out flow, VerifyToken (in [`verify`]) to the token verifier.
+
+mod verify;
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,7 +10,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    authz::{CurrentPolicy, Denied},
+    authz::{CurrentPolicy, Denied, Rpc},
     cognito::SignedOut,
     deadline,
     domain::{InvalidField, SignOutRequest},
@@ -16,9 +19,13 @@ use crate::{
     limiter::CallerLimits,
     metrics::Metrics,
     pools::PoolPolicy,
-    proto::{GlobalSignOutRequest, GlobalSignOutResponse, session_service_server::SessionService},
+    proto::{
+        GlobalSignOutRequest, GlobalSignOutResponse, VerifyTokenRequest, VerifyTokenResponse,
+        session_service_server::SessionService,
+    },
     signout::{JobCaller, SignOutCall, SignOutFlow},
     telemetry::{AccessNote, UserHasher},
+    tokens::Tokens,
 };
 
 /// What the handler writes about users: hashes, and usernames only when an
@@ -61,6 +68,7 @@ pub struct SessionApi {
     upstream_timeout: Duration,
     users: UserLogging,
     metrics: Arc<Metrics>,
+    tokens: Tokens,
 }
 
 impl SessionApi {
@@ -75,6 +83,7 @@ impl SessionApi {
         upstream_timeout: Duration,
         users: UserLogging,
         metrics: Arc<Metrics>,
+        tokens: Tokens,
     ) -> Self {
         Self {
             flow,
@@ -84,6 +93,7 @@ impl SessionApi {
             upstream_timeout,
             users,
             metrics,
+            tokens,
         }
     }
 
@@ -95,33 +105,22 @@ impl SessionApi {
         note: &AccessNote,
     ) -> Result<SignedOut, SignOutError> {
         let received = Instant::now();
-        let Caller {
-            id: caller,
-            verified,
-        } = self.caller(metadata, peer)?;
-        note.caller(caller.as_str());
-        let span = tracing::Span::current();
-        span.record("caller.id", caller.as_str());
-        span.record("caller.verified", verified.is_some());
-        let policy = self
-            .caller_policy
-            .authz
-            .as_ref()
-            .map(|authz| authz.load_full());
-        let verified_id = verified.is_some().then_some(&caller);
-        // Unknown callers learn nothing, not even whether their request was valid.
-        if let Some(policy) = &policy {
-            policy
-                .knows(verified_id)
-                .map_err(|denied| audit_denial(&caller, None, denied))?;
-        }
+        let (
+            Caller {
+                id: caller,
+                verified,
+            },
+            policy,
+        ) = self.admit(metadata, peer, note)?;
         let request = SignOutRequest::try_from(request)?;
         let pool = self.pools.resolve(request.user_pool_id)?;
-        if let Some(policy) = &policy {
-            policy
-                .authorize(verified_id, &pool)
-                .map_err(|denied| audit_denial(&caller, Some(pool.as_str()), denied))?;
-        }
+        authorize(
+            policy.as_deref(),
+            &caller,
+            verified.is_some(),
+            Rpc::GlobalSignOut,
+            &pool,
+        )?;
         let user_hash = self.users.hasher.hash(&request.username);
         let username = self.users.log_usernames.then(|| request.username.expose());
         note.target(pool.as_str(), user_hash.clone(), username);
@@ -141,6 +140,34 @@ impl SessionApi {
                 deadline: received + time_allowed,
             })
             .await
+    }
+
+    /// Identifies the caller and, under a policy, refuses callers it does
+    /// not know: unknown callers learn nothing, not even whether their
+    /// request was valid. Returns the policy in force for this call.
+    fn admit(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+        note: &AccessNote,
+    ) -> Result<(Caller, Option<Arc<crate::authz::Policy>>), SignOutError> {
+        let caller = self.caller(metadata, peer)?;
+        note.caller(caller.id.as_str());
+        let span = tracing::Span::current();
+        span.record("caller.id", caller.id.as_str());
+        span.record("caller.verified", caller.verified.is_some());
+        let policy = self
+            .caller_policy
+            .authz
+            .as_ref()
+            .map(|authz| authz.load_full());
+        if let Some(policy) = &policy {
+            let verified_id = caller.verified.is_some().then_some(&caller.id);
+            policy
+                .knows(verified_id)
+                .map_err(|denied| audit_denial(&caller.id, None, denied))?;
+        }
+        Ok((caller, policy))
     }
 
     /// The verified identity if there is one; else the caller-id header,
@@ -189,29 +216,64 @@ impl SessionService for SessionApi {
                 aws_request_id: signed_out.aws_request_id,
                 signed_out_at: Some(signed_out.at.into()),
             })),
-            Err(error) => {
-                if matches!(
-                    error,
-                    SignOutError::CallerRateLimited(_)
-                        | SignOutError::RateLimited(_)
-                        | SignOutError::Overloaded
-                ) {
-                    self.metrics
-                        .rejections
-                        .with_label_values(&[error.reason()])
-                        .inc();
-                }
-                if matches!(error, SignOutError::Unauthorized(_)) {
-                    self.metrics
-                        .authz_denials
-                        .with_label_values(&[error.reason()])
-                        .inc();
-                }
-                log_failure(&error);
-                Err(error.into())
-            }
+            Err(error) => Err(self.refuse(error, "sign-out")),
         }
     }
+
+    async fn verify_token(
+        &self,
+        request: Request<VerifyTokenRequest>,
+    ) -> Result<Response<VerifyTokenResponse>, Status> {
+        let (metadata, extensions, message) = request.into_parts();
+        let note = extensions.get::<AccessNote>().cloned().unwrap_or_default();
+        let peer = extensions.get::<PeerInfo>();
+        match self.verify(&metadata, peer, message, &note).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => Err(self.refuse(error, "token verification")),
+        }
+    }
+}
+
+impl SessionApi {
+    /// Counts, logs and converts a refusal.
+    fn refuse(&self, error: SignOutError, what: &'static str) -> Status {
+        if matches!(
+            error,
+            SignOutError::CallerRateLimited(_)
+                | SignOutError::RateLimited(_)
+                | SignOutError::Overloaded
+        ) {
+            self.metrics
+                .rejections
+                .with_label_values(&[error.reason()])
+                .inc();
+        }
+        if matches!(error, SignOutError::Unauthorized(_)) {
+            self.metrics
+                .authz_denials
+                .with_label_values(&[error.reason()])
+                .inc();
+        }
+        log_failure(&error, what);
+        error.into()
+    }
+}
+
+/// Under a policy, whether the caller may use `rpc` on `pool`; refusals
+/// are audited.
+fn authorize(
+    policy: Option<&crate::authz::Policy>,
+    caller: &CallerId,
+    verified: bool,
+    rpc: Rpc,
+    pool: &crate::domain::UserPoolId,
+) -> Result<(), SignOutError> {
+    let Some(policy) = policy else {
+        return Ok(());
+    };
+    policy
+        .authorize(verified.then_some(caller), rpc, pool)
+        .map_err(|denied| audit_denial(caller, Some(pool.as_str()), denied))
 }
 
 /// Refusals by the policy are security events: the audit log names who
@@ -224,17 +286,17 @@ fn audit_denial(caller: &CallerId, user_pool_id: Option<&str>, denied: Denied) -
         user_pool_id,
         outcome = "denied",
         reason = error.reason(),
-        "global sign-out denied by the authorization policy"
+        "call denied by the authorization policy"
     );
     error
 }
 
 /// The access line has the code; this adds the cause chain, which holds the
 /// SDK's own account. Server-class failures need an operator.
-fn log_failure(error: &SignOutError) {
+fn log_failure(error: &SignOutError, what: &'static str) {
     if error.is_server_fault() {
-        tracing::error!(reason = error.reason(), error = %ErrorChain(error), "sign-out failed");
+        tracing::error!(reason = error.reason(), error = %ErrorChain(error), "{what} failed");
     } else {
-        tracing::debug!(reason = error.reason(), error = %ErrorChain(error), "sign-out refused");
+        tracing::debug!(reason = error.reason(), error = %ErrorChain(error), "{what} refused");
     }
 }

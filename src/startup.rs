@@ -35,15 +35,18 @@ use crate::{
     signout::SignOutFlow,
     telemetry::{RpcTelemetryLayer, UserHasher},
     tls::{CurrentTlsConfig, TlsFiles},
+    tokens::{TokenMetrics, Tokens, http::HttpJwksSource},
 };
 
 /// HTTP/2 streams a client may open and reset before the server accepts
 /// them (hyper's default, stated so that it stays deliberate).
 const MAX_PENDING_RESET_STREAMS: usize = 20;
 
-/// Largest request the API decodes. A GlobalSignOutRequest is under 200 bytes;
-/// anything near this is hostile, and refusing it costs nothing.
-const MAX_REQUEST_BYTES: usize = 4 * 1024;
+/// Largest request the API decodes. A GlobalSignOutRequest is under 200 bytes
+/// and a VerifyTokenRequest holds at most an 8 KiB token (refused as
+/// INVALID_ARGUMENT beyond that) and its client ids; anything bigger is
+/// hostile, and refusing it before decoding costs nothing.
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 /// What [`check`] derives from valid configuration.
 pub struct Checked {
@@ -157,6 +160,7 @@ impl Application {
         let cognito = Cognito::new(sdk_config, &config.upstream());
         let metrics = Arc::new(Metrics::new());
         metrics.configured_rate.set(config.rate_limit_rps);
+        let tokens = tokens(config, sdk_config, &metrics)?;
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             Arc::new(cognito),
@@ -197,6 +201,7 @@ impl Application {
                     log_usernames: config.log_usernames,
                 },
                 metrics,
+                tokens,
             ),
             lifecycle: Lifecycle {
                 drain_delay: config.drain_delay,
@@ -349,6 +354,29 @@ impl Application {
         drop(reloaders);
         result
     }
+}
+
+/// The token verifier: JWKS from `--cognito-endpoint` (moto) or the
+/// region's Cognito endpoint; the issuer is always the AWS form.
+fn tokens(
+    config: &Config,
+    sdk_config: &SdkConfig,
+    metrics: &Metrics,
+) -> Result<Tokens, StartupError> {
+    let region = sdk_config.region().ok_or(StartupError::NoRegion)?.as_ref();
+    let base = config
+        .cognito_endpoint
+        .clone()
+        .unwrap_or_else(|| format!("https://cognito-idp.{region}.amazonaws.com"));
+    let settings = config.tokens.settings();
+    let source = HttpJwksSource::new(&base, settings.fetch_timeout)?;
+    let token_metrics = TokenMetrics::register(metrics.registry())?;
+    Ok(Tokens::new(
+        Arc::new(source),
+        region,
+        &settings,
+        token_metrics,
+    ))
 }
 
 /// Binds `addr`, returning the listener and the address actually bound.

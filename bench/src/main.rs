@@ -8,6 +8,7 @@ mod load;
 mod report;
 mod roles;
 mod scenarios;
+mod verify;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -16,7 +17,7 @@ use clap::{Parser, Subcommand};
 use crate::scenarios::Plan;
 
 /// Benchmarks session-service (P1 latency, P2 throughput, P3 limiter
-/// accuracy, P4 memory, P5 start-up) against its floors: a bare tonic server
+/// accuracy, P4 memory, P5 start-up, P6 VerifyToken) against its floors: a bare tonic server
 /// (the gRPC hop alone) and the AWS SDK calling a fake Cognito directly (the
 /// SigV4 + HTTP cost alone).
 #[derive(Parser)]
@@ -39,7 +40,7 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
 
-    /// Only these scenarios (comma list of p1..p5). Default: all.
+    /// Only these scenarios (comma list of p1..p6). Default: all.
     #[arg(long, value_delimiter = ',', value_name = "P1,...")]
     only: Vec<String>,
 }
@@ -52,8 +53,16 @@ enum Role {
         #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
         delay: Duration,
     },
-    /// (internal) Serve the gRPC floor: the same API answering at once.
-    FloorGrpc,
+    /// (internal) Serve the gRPC floor: the same API answering at once
+    /// (VerifyToken after one RS256 check when given a key).
+    FloorGrpc {
+        /// The RSA modulus, base64url.
+        #[arg(long, requires = "jwk_e")]
+        jwk_n: Option<String>,
+        /// The RSA exponent, base64url.
+        #[arg(long, requires = "jwk_n")]
+        jwk_e: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -61,7 +70,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.role {
         Some(Role::FakeCognito { delay }) => roles::fake_cognito(delay).await,
-        Some(Role::FloorGrpc) => roles::floor_grpc().await,
+        Some(Role::FloorGrpc { jwk_n, jwk_e }) => roles::floor_grpc(jwk_n.zip(jwk_e)).await,
         None => return run(cli).await,
     }
     ExitCode::SUCCESS
@@ -91,6 +100,9 @@ async fn run(cli: Cli) -> ExitCode {
     }
     if wanted("p5") {
         rows.extend(scenarios::p5_startup(&plan, &service_bin).await);
+    }
+    if wanted("p6") {
+        rows.extend(verify::p6_verify_token(&plan, &service_bin).await);
     }
     let table = report::markdown(&rows);
     let machine = report::machine();

@@ -11,8 +11,9 @@ use std::{
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
+use jsonwebtoken::DecodingKey;
 use session_service::proto::{
-    GlobalSignOutRequest, GlobalSignOutResponse,
+    GlobalSignOutRequest, GlobalSignOutResponse, VerifyTokenRequest, VerifyTokenResponse,
     session_service_server::{SessionService, SessionServiceServer},
 };
 use tokio::net::TcpListener;
@@ -69,8 +70,11 @@ async fn answer(
 }
 
 /// The same API, answering at once with an empty response: what the gRPC
-/// hop alone costs.
-struct Floor;
+/// hop alone costs. Given a key, VerifyToken also checks the token's RS256
+/// signature with it: the floor of a verification.
+struct Floor {
+    key: Option<DecodingKey>,
+}
 
 #[tonic::async_trait]
 impl SessionService for Floor {
@@ -80,15 +84,28 @@ impl SessionService for Floor {
     ) -> Result<tonic::Response<GlobalSignOutResponse>, tonic::Status> {
         Ok(tonic::Response::new(GlobalSignOutResponse::default()))
     }
+
+    async fn verify_token(
+        &self,
+        request: tonic::Request<VerifyTokenRequest>,
+    ) -> Result<tonic::Response<VerifyTokenResponse>, tonic::Status> {
+        let response = match &self.key {
+            Some(key) => crate::verify::floor_verify(key, &request.get_ref().token),
+            None => VerifyTokenResponse::default(),
+        };
+        Ok(tonic::Response::new(response))
+    }
 }
 
-/// Serves [`Floor`] with tonic's defaults.
-pub(crate) async fn floor_grpc() {
+/// Serves [`Floor`] with tonic's defaults; `jwk` is the RSA key (base64url
+/// modulus and exponent) VerifyToken checks signatures with.
+pub(crate) async fn floor_grpc(jwk: Option<(String, String)>) {
+    let key = jwk.map(|(n, e)| DecodingKey::from_rsa_components(&n, &e).expect("valid RSA key"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     println!("LISTENING {}", listener.local_addr().expect("addr"));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .add_service(SessionServiceServer::new(Floor))
+        .add_service(SessionServiceServer::new(Floor { key }))
         .serve_with_incoming(incoming)
         .await
         .expect("floor server");

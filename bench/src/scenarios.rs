@@ -76,14 +76,14 @@ fn unlimited() -> Vec<String> {
     .to_vec()
 }
 
-fn micros(value: u64) -> String {
+pub(crate) fn micros(value: u64) -> String {
     format!("{:.0} µs", value as f64)
 }
 
 /// Runs each target in turn, `rounds` times over, so that drift on a shared
 /// machine hits them alike; merges each target's outcomes. Also returns the
 /// CPU time process `pid` (the service) used while target 0 ran.
-async fn alternate(
+pub(crate) async fn alternate(
     targets: &[Call],
     rounds: usize,
     concurrency: usize,

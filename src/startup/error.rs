@@ -60,6 +60,12 @@ pub enum StartupError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The JWKS client has no root certificates to trust.
+    #[error(transparent)]
+    JwksClient(#[from] crate::tokens::http::NoRootCertificates),
+    /// The token metrics could not be registered (a build problem).
+    #[error("token metrics: {0}")]
+    TokenMetrics(#[from] prometheus::Error),
     /// The embedded descriptor sets did not load (a build problem).
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -80,7 +86,11 @@ impl StartupError {
             | Self::PolicyFile { .. }
             | Self::Policy { .. }
             | Self::PolicyWithoutIdentity => 64,
-            Self::Bind { .. } | Self::Reflection(_) | Self::Serve(_) => 1,
+            Self::Bind { .. }
+            | Self::JwksClient(_)
+            | Self::TokenMetrics(_)
+            | Self::Reflection(_)
+            | Self::Serve(_) => 1,
         }
     }
 }

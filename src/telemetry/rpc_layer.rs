@@ -176,6 +176,8 @@ where
             rpc.grpc.status_code = Empty,
             caller.id = Empty,
             caller.verified = Empty,
+            // VerifyToken's verdict (active or a reason), never a claim.
+            token.result = Empty,
         );
         // Before the span is entered, or the parent is silently ignored.
         let _ = span.set_parent(parent.clone());

@@ -94,3 +94,27 @@ async fn grpcurl_shows_error_details_for_a_refused_call() {
         "error details decoded: {stderr}"
     );
 }
+
+#[tokio::test]
+async fn grpcurl_verifies_a_moto_token() {
+    let moto = crate::moto::Moto::start().await;
+    let user = crate::moto::seed_signed_in_user(&moto.client()).await;
+    let app = TestApp::spawn(test_config(&moto.endpoint)).await;
+    let addr = app.addr.to_string();
+
+    let call = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &format!(
+            r#"{{"token":"{}","user_pool_id":"{}","token_use":"TOKEN_USE_ACCESS"}}"#,
+            user.access_token, user.pool_id
+        ),
+        &addr,
+        "session.v1.SessionService/VerifyToken",
+    ])
+    .await;
+
+    assert!(call.contains(r#""active": true"#), "{call}");
+    assert!(call.contains(&user.client_id), "{call}");
+    assert!(call.contains("TOKEN_USE_ACCESS"), "{call}");
+}

@@ -21,13 +21,13 @@ use crate::{
 const PASSWORD: &str = "Correct-Horse-9-Battery!";
 
 /// A moto server on a port of its own choosing, killed on drop.
-struct Moto {
-    endpoint: String,
+pub(crate) struct Moto {
+    pub(crate) endpoint: String,
     _process: Child,
 }
 
 impl Moto {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let mut process = Command::new(tools::moto_server())
             .args(["-H", "127.0.0.1", "-p", "0"])
             .stdout(Stdio::null())
@@ -55,7 +55,7 @@ impl Moto {
         }
     }
 
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         let config = aws_sdk_cognitoidentityprovider::config::Builder::from(&test_sdk_config())
             .endpoint_url(&self.endpoint)
             .build();
@@ -63,15 +63,16 @@ impl Moto {
     }
 }
 
-struct SignedInUser {
-    pool_id: String,
-    client_id: String,
-    username: String,
-    access_token: String,
+pub(crate) struct SignedInUser {
+    pub(crate) pool_id: String,
+    pub(crate) client_id: String,
+    pub(crate) username: String,
+    pub(crate) access_token: String,
+    pub(crate) id_token: String,
     refresh_token: String,
 }
 
-async fn seed_signed_in_user(cognito: &Client) -> SignedInUser {
+pub(crate) async fn seed_signed_in_user(cognito: &Client) -> SignedInUser {
     let pool = cognito
         .create_user_pool()
         .pool_name("e2e")
@@ -131,6 +132,7 @@ async fn seed_signed_in_user(cognito: &Client) -> SignedInUser {
         client_id,
         username,
         access_token: tokens.access_token().expect("access").to_owned(),
+        id_token: tokens.id_token().expect("id").to_owned(),
         refresh_token: tokens.refresh_token().expect("refresh").to_owned(),
     }
 }

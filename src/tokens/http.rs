@@ -1,0 +1,85 @@
+//! JWKS documents over HTTP(S): hyper's client with rustls on aws-lc-rs and
+//! the system's roots, the stack the AWS SDK already builds here.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+use super::jwks::{JwksError, JwksSource};
+use crate::domain::UserPoolId;
+
+/// Cognito's JWKS holds two keys in about 1 KiB; a much bigger answer is
+/// not one, and is not read.
+const MAX_JWKS_BYTES: usize = 64 * 1024;
+
+/// Fetches `{base}/{pool}/.well-known/jwks.json`.
+#[derive(Debug, Clone)]
+pub struct HttpJwksSource {
+    base: String,
+    timeout: Duration,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+}
+
+/// The system's root certificates could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load the system's root certificates for the JWKS client: {0}")]
+pub struct NoRootCertificates(#[from] std::io::Error);
+
+impl HttpJwksSource {
+    /// `base`: `--cognito-endpoint` when set, else
+    /// `https://cognito-idp.{region}.amazonaws.com`. `timeout` bounds a
+    /// whole fetch, body included.
+    pub fn new(base: &str, timeout: Duration) -> Result<Self, NoRootCertificates> {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(provider)?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            timeout,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+
+    /// The JWKS URL of `pool`.
+    pub fn url(&self, pool: &UserPoolId) -> String {
+        format!("{}/{}/.well-known/jwks.json", self.base, pool.as_str())
+    }
+
+    async fn get(&self, url: &str) -> Result<Vec<u8>, JwksError> {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| JwksError::Unreachable(format!("bad URL: {e}")))?;
+        let response = self
+            .client
+            .get(uri)
+            .await
+            .map_err(|e| JwksError::Unreachable(crate::error::ErrorChain(&e).to_string()))?;
+        if response.status() != hyper::StatusCode::OK {
+            return Err(JwksError::Status(response.status().as_u16()));
+        }
+        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| JwksError::BadDocument(format!("body: {e}")))?;
+        Ok(body.to_bytes().to_vec())
+    }
+}
+
+#[tonic::async_trait]
+impl JwksSource for HttpJwksSource {
+    async fn fetch(&self, pool: &UserPoolId) -> Result<Vec<u8>, JwksError> {
+        let url = self.url(pool);
+        tokio::time::timeout(self.timeout, self.get(&url))
+            .await
+            .map_err(|_| JwksError::Timeout)?
+    }
+}

@@ -1,0 +1,188 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::tokens::mint::{self, MintKey};
+
+/// A JWKS source whose document the test sets, counting fetches; with a
+/// gate, each fetch waits for a permit so that tests can pile callers up.
+#[derive(Debug, Default)]
+struct FakeSource {
+    document: Mutex<Option<Vec<u8>>>,
+    fetches: AtomicUsize,
+    gate: Option<Semaphore>,
+}
+
+impl FakeSource {
+    fn serving(keys: &[&MintKey]) -> Arc<Self> {
+        Arc::new(Self {
+            document: Mutex::new(Some(mint::jwks(keys))),
+            ..Self::default()
+        })
+    }
+
+    fn set(&self, document: Option<Vec<u8>>) {
+        *lock(&self.document) = document;
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+#[tonic::async_trait]
+impl JwksSource for FakeSource {
+    async fn fetch(&self, _pool: &UserPoolId) -> Result<Vec<u8>, JwksError> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("gate open").forget();
+        }
+        lock(&self.document).clone().ok_or(JwksError::Status(503))
+    }
+}
+
+const PENALTY: Duration = Duration::from_secs(10);
+
+fn pool(id: &str) -> UserPoolId {
+    UserPoolId::parse(id).expect("pool")
+}
+
+fn cache(source: Arc<FakeSource>) -> JwksCache {
+    JwksCache::new(source, PENALTY, |_| {})
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_known_kid_is_served_from_the_cache_without_fetching_again() {
+    let key = MintKey::generate("k1");
+    let source = FakeSource::serving(&[&key]);
+    let cache = cache(source.clone());
+    let pool = pool("us-east-1_A");
+
+    for _ in 0..100 {
+        cache.key(&pool, "k1").await.expect("known");
+    }
+
+    assert_eq!(source.fetches(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_kids_refetch_at_most_once_per_penalty_period() {
+    let key = MintKey::generate("k1");
+    let source = FakeSource::serving(&[&key]);
+    let cache = cache(source.clone());
+    let pool = pool("us-east-1_A");
+    cache.key(&pool, "k1").await.expect("warm");
+
+    for _ in 0..50 {
+        assert!(matches!(
+            cache.key(&pool, "forged").await,
+            Err(KeyLookupError::UnknownKid)
+        ));
+    }
+    assert_eq!(source.fetches(), 2, "one refetch for 50 unknown kids");
+    tokio::time::advance(PENALTY).await;
+    let _ = cache.key(&pool, "forged").await;
+    assert_eq!(source.fetches(), 3, "the next period allows one more");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rotated_key_is_found_by_one_refetch() {
+    let old = MintKey::generate("old");
+    let new = MintKey::generate("new");
+    let source = FakeSource::serving(&[&old]);
+    let cache = cache(source.clone());
+    let pool = pool("us-east-1_A");
+    cache.key(&pool, "old").await.expect("warm");
+    source.set(Some(mint::jwks(&[&old, &new])));
+
+    cache.key(&pool, "new").await.expect("found after rotation");
+    cache.key(&pool, "new").await.expect("cached");
+
+    assert_eq!(source.fetches(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_lookups_of_an_unknown_kid_share_one_fetch() {
+    let key = MintKey::generate("k1");
+    let source = Arc::new(FakeSource {
+        document: Mutex::new(Some(mint::jwks(&[&key]))),
+        gate: Some(Semaphore::new(0)),
+        ..FakeSource::default()
+    });
+    let cache = Arc::new(cache(source.clone()));
+    let pool = pool("us-east-1_A");
+
+    let lookups: Vec<_> = (0..32)
+        .map(|_| {
+            let (cache, pool) = (cache.clone(), pool.clone());
+            tokio::spawn(async move { cache.key(&pool, "k1").await.is_ok() })
+        })
+        .collect();
+    // Every task is now either fetching or queued behind the fetch.
+    tokio::task::yield_now().await;
+    while source.fetches() == 0 {
+        tokio::task::yield_now().await;
+    }
+    if let Some(gate) = &source.gate {
+        gate.add_permits(32);
+    }
+    for lookup in lookups {
+        assert!(lookup.await.expect("joined"));
+    }
+
+    assert_eq!(source.fetches(), 1, "32 callers, one fetch");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_warm_cache_survives_a_failing_jwks_and_a_cold_one_is_unavailable() {
+    let key = MintKey::generate("k1");
+    let source = FakeSource::serving(&[&key]);
+    let warm = cache(source.clone());
+    let (a, b) = (pool("us-east-1_A"), pool("us-east-1_B"));
+    warm.key(&a, "k1").await.expect("warm");
+    source.set(None);
+
+    warm.key(&a, "k1")
+        .await
+        .expect("still verifies from the cache");
+    let unknown = warm.key(&a, "other").await;
+    let cold = warm.key(&b, "k1").await;
+    let cold_again = warm.key(&b, "k1").await;
+
+    assert!(
+        matches!(unknown, Err(KeyLookupError::Unavailable { .. })),
+        "{unknown:?}"
+    );
+    match cold {
+        Err(KeyLookupError::Unavailable { retry_after, .. }) => {
+            assert!(retry_after >= Duration::from_secs(1), "{retry_after:?}");
+        }
+        other => panic!("cold cache: {other:?}"),
+    }
+    assert!(matches!(
+        cold_again,
+        Err(KeyLookupError::Unavailable { .. })
+    ));
+    assert_eq!(source.fetches(), 3, "a failure also waits out the penalty");
+}
+
+#[test]
+fn jwks_documents_keep_only_rs256_signing_keys() {
+    let key = MintKey::generate("k1");
+    let (n, e) = key.components();
+    let document = serde_json::json!({"keys": [
+        {"kty": "RSA", "kid": "enc", "use": "enc", "n": n, "e": e},
+        {"kty": "EC", "kid": "ec", "crv": "P-256", "x": "AA", "y": "AA"},
+        {"kty": "RSA", "kid": "ps", "alg": "PS256", "n": n, "e": e},
+        {"kty": "RSA", "n": n, "e": e},
+        key.jwk(),
+    ]});
+
+    let keys = parse_jwks(document.to_string().as_bytes()).expect("one usable key");
+
+    assert_eq!(keys.keys().collect::<Vec<_>>(), ["k1"]);
+    for bad in [&b"{}"[..], b"not json", br#"{"keys": []}"#] {
+        assert!(parse_jwks(bad).is_err());
+    }
+}
