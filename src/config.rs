@@ -1,11 +1,13 @@
 //! Command-line and environment configuration. Every flag has an environment
 //! variable; `--help` lists both. Values are validated here, once, at start.
 
+mod connections;
 mod security;
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
+pub use connections::ConnectionConfig;
 pub use security::SecurityConfig;
 
 use crate::{
@@ -33,6 +35,10 @@ pub struct Config {
     /// TLS, identity, authorization and connection bounds.
     #[command(flatten)]
     pub security: SecurityConfig,
+
+    /// How many connections, and what each may cost.
+    #[command(flatten)]
+    pub connections: ConnectionConfig,
 
     /// User pool used when a request leaves user_pool_id empty. Without it,
     /// such requests fail with INVALID_ARGUMENT.
@@ -390,6 +396,10 @@ mod tests {
             &["--per-caller-rps-overrides", "billing"],
             &["--per-caller-rps-overrides", "bad caller=5"],
             &["--max-in-flight", "0"],
+            &["--max-connections", "0"],
+            &["--metrics-max-connections", "5000"],
+            &["--first-bytes-timeout", "0s"],
+            &["--max-frames-per-second", "1"],
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }

@@ -391,6 +391,18 @@ impl From<SignOutError> for Status {
     }
 }
 
+/// A request whose body did not end within `--request-body-timeout`: the
+/// client's doing, so CANCELLED (logged at info), never a server fault.
+pub fn request_body_timeout(after: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info("REQUEST_BODY_TIMEOUT", ERROR_DOMAIN, HashMap::new());
+    Status::with_error_details(
+        Code::Cancelled,
+        format!("the request body did not arrive within {after:?}"),
+        details,
+    )
+}
+
 /// gRPC codes that are the server's or Cognito's fault, not the caller's:
 /// logged at warn/error and marked as span errors. The one list of them.
 pub fn is_server_fault(code: Code) -> bool {

@@ -5,16 +5,16 @@
 //! The listener is a few lines of hyper on purpose: one path, no routing
 //! framework needed.
 
-use std::{convert::Infallible, future::Future, sync::Arc};
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 /// Latency buckets in seconds: sub-millisecond refusals up to slow Cognito.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -265,16 +265,33 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Time a scrape has to send its request headers, and the longest a
+/// metrics connection lives: Prometheus sends a few hundred bytes at once.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// hyper's smallest read buffer; a scrape's request is far below it, and a
+/// header that does not fit is refused (431) instead of buffered.
+const METRICS_MAX_BUF: usize = 8 * 1024;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves, with at
+/// most `budget` connections at once (further clients wait in the kernel's
+/// backlog: no file descriptors taken from the gRPC port).
 pub async fn serve_metrics<F>(
     listener: TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
+    budget: Arc<Semaphore>,
     shutdown: F,
 ) where
     F: Future<Output = ()>,
 {
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = budget.clone().acquire_owned() => permit,
+            () = &mut shutdown => return,
+        };
+        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => return,
@@ -295,9 +312,14 @@ pub async fn serve_metrics<F>(
                 let render = render.clone();
                 async move { Ok::<_, Infallible>(respond(&request, &*render)) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .max_buf_size(METRICS_MAX_BUF)
+                .serve_connection(TokioIo::new(stream), service);
+            // Also bounds a client that never reads the response.
+            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, connection).await;
+            drop(permit);
         });
     }
 }
