@@ -117,7 +117,11 @@ pub struct Config {
     pub caller_id_header: String,
 
     /// Requests per second each caller may make; unlimited when unset. Checked
-    /// before the shared budget, refused with CALLER_RATE_LIMITED.
+    /// before the shared budget, refused with CALLER_RATE_LIMITED. Verified
+    /// callers (client certificate, trusted XFCC) and callers named in
+    /// --per-caller-rps-overrides each have their own allowance; every other
+    /// caller (a self-declared id, or none) shares one, since anyone can
+    /// mint a new id per request.
     #[arg(long, env = "SESSION_PER_CALLER_RPS", value_name = "RPS", value_parser = parse_rate)]
     pub per_caller_rps: Option<f64>,
 
@@ -126,13 +130,14 @@ pub struct Config {
     pub per_caller_burst: Option<u32>,
 
     /// Comma-separated CALLER=RPS pairs replacing --per-caller-rps for those
-    /// callers (works without it too).
+    /// callers (works without it too); each named caller gets an allowance of
+    /// its own, verified or not.
     #[arg(long, env = "SESSION_PER_CALLER_RPS_OVERRIDES", value_name = "CALLER=RPS,...",
           value_delimiter = ',', value_parser = parse_caller_override)]
     pub per_caller_rps_overrides: Vec<(CallerId, f64)>,
 
-    /// Callers whose rate is tracked at once; new callers beyond it share one
-    /// allowance, so random caller ids cannot grow memory.
+    /// Verified callers whose rate is tracked at once; new ones beyond it
+    /// share one allowance, so a flood of identities cannot grow memory.
     #[arg(long, env = "SESSION_MAX_TRACKED_CALLERS", default_value_t = 10_000)]
     pub max_tracked_callers: usize,
 

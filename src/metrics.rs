@@ -49,6 +49,7 @@ pub struct Metrics {
     in_flight: IntGauge,
     current_rate: Gauge,
     log_lines_dropped: IntCounter,
+    log_lines_suppressed: IntCounter,
 }
 
 /// Label values created at zero when the process starts. A counter series
@@ -79,6 +80,8 @@ pub struct Sampled {
     pub current_rate: f64,
     /// Log lines dropped so far because stdout could not keep up.
     pub log_lines_dropped: u64,
+    /// Warning and error lines dropped so far as repeats of one statement.
+    pub log_lines_suppressed: u64,
 }
 
 impl Metrics {
@@ -201,6 +204,14 @@ impl Metrics {
         registry
             .register(Box::new(log_lines_dropped.clone()))
             .expect("unique name");
+        let log_lines_suppressed = IntCounter::new(
+            "session_log_lines_suppressed_total",
+            "Warning and error lines not written because the same statement logged too often (over 20 at once or 5 a second).",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(log_lines_suppressed.clone()))
+            .expect("unique name");
         let build_info = IntGaugeVec::new(
             Opts::new("session_build_info", "Always 1; the labels name the build."),
             &["version"],
@@ -227,6 +238,7 @@ impl Metrics {
             in_flight,
             current_rate,
             log_lines_dropped,
+            log_lines_suppressed,
         }
     }
 
@@ -252,6 +264,9 @@ impl Metrics {
         let dropped = sampled.log_lines_dropped;
         self.log_lines_dropped
             .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
+        let suppressed = sampled.log_lines_suppressed;
+        self.log_lines_suppressed
+            .inc_by(suppressed.saturating_sub(self.log_lines_suppressed.get()));
         let mut text = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut text);
@@ -356,6 +371,7 @@ mod tests {
             in_flight: 2,
             current_rate: 10.0,
             log_lines_dropped: 7,
+            log_lines_suppressed: 3,
         });
         for line in [
             "session_rate_limit_rejections_total{reason=\"RATE_LIMITED\"} 1",
@@ -363,6 +379,7 @@ mod tests {
             "session_cognito_in_flight 2",
             "session_rate_limit_rate_per_second 10",
             "session_log_lines_dropped_total 7",
+            "session_log_lines_suppressed_total 3",
             "session_build_info{version=\"",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
@@ -378,6 +395,7 @@ mod tests {
             in_flight: 0,
             current_rate: 20.0,
             log_lines_dropped: 0,
+            log_lines_suppressed: 0,
         });
         for line in [
             "session_rate_limit_configured_rate_per_second 20",
@@ -404,6 +422,7 @@ mod tests {
                 in_flight: 0,
                 current_rate: 0.0,
                 log_lines_dropped: 0,
+                log_lines_suppressed: 0,
             })
         };
         metrics.record_reload("tls", false);

@@ -109,8 +109,8 @@ fn bytes_of(status: http::StatusCode) -> bytes::Bytes {
     bytes::Bytes::from(format!("{reason}: gRPC requests only\n"))
 }
 
-/// A request body that fails with CANCELLED if it has not ended by its
-/// deadline.
+/// A request body that fails (ABORTED, see `error::request_body_timeout`)
+/// if it has not ended by its deadline.
 struct DeadlineBody {
     inner: Body,
     deadline: Pin<Box<Sleep>>,

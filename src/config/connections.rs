@@ -37,7 +37,7 @@ pub struct ConnectionConfig {
     pub max_connection_age_grace: Duration,
 
     /// Time a call's request body has to arrive in full after its headers;
-    /// later, the call ends with CANCELLED. Reflection streams are exempt.
+    /// later, the call ends with ABORTED. Reflection streams are exempt.
     #[arg(long, env = "SESSION_REQUEST_BODY_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
 

@@ -34,6 +34,8 @@ pub(super) fn spawn_metrics_server(
             in_flight: flow.in_flight(),
             current_rate: flow.budget().current_rate(),
             log_lines_dropped: log_drops.as_ref().map_or(0, |c| c.dropped_lines() as u64),
+            log_lines_suppressed: crate::telemetry::LOG_LINES_SUPPRESSED
+                .load(std::sync::atomic::Ordering::Relaxed),
         })
     });
     let budget = Arc::new(Semaphore::new(

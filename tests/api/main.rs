@@ -10,6 +10,7 @@ mod drain;
 mod fake_cognito;
 mod grpcurl;
 mod helpers;
+mod hostile;
 mod lifecycle;
 mod monitoring;
 mod moto;
