@@ -1,12 +1,14 @@
 //! Command-line and environment configuration. Every flag has an environment
 //! variable; `--help` lists both. Values are validated here, once, at start.
 
+mod connections;
 mod security;
 mod tokens;
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
+pub use connections::ConnectionConfig;
 pub use security::SecurityConfig;
 pub use tokens::TokenConfig;
 
@@ -35,6 +37,10 @@ pub struct Config {
     /// TLS, identity, authorization and connection bounds.
     #[command(flatten)]
     pub security: SecurityConfig,
+
+    /// How many connections, and what each may cost.
+    #[command(flatten)]
+    pub connections: ConnectionConfig,
 
     /// VerifyToken: leeway and JWKS fetching.
     #[command(flatten)]
@@ -117,7 +123,11 @@ pub struct Config {
     pub caller_id_header: String,
 
     /// Requests per second each caller may make; unlimited when unset. Checked
-    /// before the shared budget, refused with CALLER_RATE_LIMITED.
+    /// before the shared budget, refused with CALLER_RATE_LIMITED. Verified
+    /// callers (client certificate, trusted XFCC) and callers named in
+    /// --per-caller-rps-overrides each have their own allowance; every other
+    /// caller (a self-declared id, or none) shares one, since anyone can
+    /// mint a new id per request.
     #[arg(long, env = "SESSION_PER_CALLER_RPS", value_name = "RPS", value_parser = parse_rate)]
     pub per_caller_rps: Option<f64>,
 
@@ -126,13 +136,14 @@ pub struct Config {
     pub per_caller_burst: Option<u32>,
 
     /// Comma-separated CALLER=RPS pairs replacing --per-caller-rps for those
-    /// callers (works without it too).
+    /// callers (works without it too); each named caller gets an allowance of
+    /// its own, verified or not.
     #[arg(long, env = "SESSION_PER_CALLER_RPS_OVERRIDES", value_name = "CALLER=RPS,...",
           value_delimiter = ',', value_parser = parse_caller_override)]
     pub per_caller_rps_overrides: Vec<(CallerId, f64)>,
 
-    /// Callers whose rate is tracked at once; new callers beyond it share one
-    /// allowance, so random caller ids cannot grow memory.
+    /// Verified callers whose rate is tracked at once; new ones beyond it
+    /// share one allowance, so a flood of identities cannot grow memory.
     #[arg(long, env = "SESSION_MAX_TRACKED_CALLERS", default_value_t = 10_000)]
     pub max_tracked_callers: usize,
 
@@ -396,6 +407,10 @@ mod tests {
             &["--per-caller-rps-overrides", "billing"],
             &["--per-caller-rps-overrides", "bad caller=5"],
             &["--max-in-flight", "0"],
+            &["--max-connections", "0"],
+            &["--metrics-max-connections", "5000"],
+            &["--first-bytes-timeout", "0s"],
+            &["--max-frames-per-second", "1"],
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }

@@ -14,6 +14,11 @@ const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 /// caller's timeout, at most 20 ms.
 const MAX_HEAD_START: Duration = Duration::from_millis(20);
 
+/// Less time than any Cognito call takes (a round trip to a regional
+/// endpoint is tens of milliseconds): a call given less is refused at once,
+/// with nothing sent upstream and nothing counted against Cognito.
+pub const MIN_TIME_FOR_A_CALL: Duration = Duration::from_millis(5);
+
 /// The caller's timeout, if it sent a well-formed one.
 pub fn caller_timeout(metadata: &MetadataMap) -> Option<Duration> {
     parse_grpc_timeout(metadata.get(GRPC_TIMEOUT_HEADER)?.to_str().ok()?)

@@ -52,6 +52,10 @@ pub enum SignOutError {
     /// `--max-in-flight` calls to Cognito are already under way.
     #[error("too many Cognito calls in flight")]
     Overloaded,
+    /// The caller's deadline left too little time for any Cognito call
+    /// (`deadline::MIN_TIME_FOR_A_CALL`); nothing was sent upstream.
+    #[error("the caller's deadline leaves no time for a Cognito call")]
+    DeadlineTooShort,
     /// Cognito was called and the call failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -266,7 +270,7 @@ impl SignOutError {
     /// True for failures that are the service's or Cognito's fault rather
     /// than the caller's: they are logged at error level.
     pub fn is_server_fault(&self) -> bool {
-        is_server_fault(self.code())
+        !matches!(self, Self::DeadlineTooShort) && is_server_fault(self.code())
     }
 }
 
@@ -375,6 +379,15 @@ fn status_parts(error: &SignOutError) -> (StatusRow, ErrorDetails, HashMap<Strin
                 ErrorDetails::with_retry_info(Some(limited.retry_after)),
             )
         }
+        SignOutError::DeadlineTooShort => (
+            row(
+                Code::DeadlineExceeded,
+                "DEADLINE_TOO_SHORT",
+                "the call's deadline leaves no time to reach Cognito",
+                false,
+            ),
+            ErrorDetails::new(),
+        ),
         SignOutError::Overloaded => (
             row(
                 Code::ResourceExhausted,
@@ -412,6 +425,20 @@ impl From<SignOutError> for Status {
         };
         Status::with_error_details(row.code, message, details)
     }
+}
+
+/// A request whose body did not end within `--request-body-timeout`: the
+/// client's doing, so not a server fault (no error line an attacker could
+/// repeat at will). ABORTED, because tonic reads a CANCELLED request body as
+/// its plain end and would answer INTERNAL ("missing request message").
+pub fn request_body_timeout(after: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info("REQUEST_BODY_TIMEOUT", ERROR_DOMAIN, HashMap::new());
+    Status::with_error_details(
+        Code::Aborted,
+        format!("the request body did not arrive within {after:?}"),
+        details,
+    )
 }
 
 /// gRPC codes that are the server's or Cognito's fault, not the caller's:

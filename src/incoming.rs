@@ -1,7 +1,11 @@
 //! The server's connections: plaintext TCP, or TLS with the configuration
 //! current at accept time (so rotated certificates apply to new connections
-//! only). Handshakes run in their own tasks with a timeout, so one slow or
-//! silent client cannot hold up the accept loop.
+//! only). The loop takes a place in the listener's budget before it accepts,
+//! so a flood waits in the kernel's backlog instead of exhausting file
+//! descriptors. Every connection then proves itself in a task of its own:
+//! first bytes within a deadline, the TLS handshake (a slot of a bounded
+//! pool, taken only once the ClientHello is there, so silent clients cannot
+//! starve real ones), and the HTTP/2 preface within a deadline.
 
 use std::{
     io,
@@ -12,30 +16,35 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{Semaphore, mpsc},
+    time::{Instant, timeout},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::{
+    connections::{ConnectionLimits, Guarded, HTTP2_PREFACE},
     identity::{PeerInfo, certificate_identity},
     tls::CurrentTlsConfig,
 };
 
-/// TLS handshakes under way at most; beyond it, new connections wait in the
-/// kernel's backlog instead of costing memory here.
+/// TLS handshakes under way at most; the rest wait for a slot (their
+/// connection already counted in the budget).
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// After an accept error (out of file descriptors, typically), wait this long
 /// rather than spin on the same error.
 pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// One accepted connection.
+/// One accepted connection, its preface checked, under the listener's bounds.
+pub type Conn = Guarded<Stream>;
+
+/// The transport of a connection.
 #[derive(Debug)]
-pub enum Conn {
+pub enum Stream {
     /// No TLS (local runs, or a mesh sidecar in front).
     Plain(TcpStream),
     /// TLS, possibly with a verified client certificate.
@@ -46,12 +55,12 @@ impl Connected for Conn {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
-        match self {
-            Self::Plain(tcp) => PeerInfo {
+        match self.get_ref() {
+            Stream::Plain(tcp) => PeerInfo {
                 remote_addr: tcp.peer_addr().ok(),
                 certificate_identity: None,
             },
-            Self::Tls(tls) => {
+            Stream::Tls(tls) => {
                 let (tcp, session) = tls.get_ref();
                 PeerInfo {
                     remote_addr: tcp.peer_addr().ok(),
@@ -72,12 +81,18 @@ impl Connected for Conn {
 pub fn accept(
     listener: TcpListener,
     tls: Option<Arc<CurrentTlsConfig>>,
-    handshake_timeout: Duration,
+    limits: ConnectionLimits,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (ready, incoming) = mpsc::channel(MAX_PENDING_HANDSHAKES);
     let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            // Backpressure: no place in the budget, no accept.
+            let permit = tokio::select! {
+                () = ready.closed() => return,
+                permit = limits.budget.clone().acquire_owned() => permit,
+            };
+            let Ok(permit) = permit else { return };
             let accepted = tokio::select! {
                 () = ready.closed() => return,
                 accepted = listener.accept() => accepted,
@@ -90,38 +105,72 @@ pub fn accept(
                     continue;
                 }
             };
+            let accepted_at = Instant::now();
             // Small unary calls: Nagle would only add latency.
             let _ = tcp.set_nodelay(true);
-            let Some(tls) = &tls else {
-                if ready.send(Ok(Conn::Plain(tcp))).await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            let Ok(slot) = handshakes.clone().acquire_owned().await else {
-                return;
-            };
-            let acceptor = TlsAcceptor::from(tls.load_full());
-            let ready = ready.clone();
+            let (tls, handshakes, ready, limits) = (
+                tls.clone(),
+                handshakes.clone(),
+                ready.clone(),
+                limits.clone(),
+            );
             tokio::spawn(async move {
                 let peer = tcp.peer_addr().ok();
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = ready.send(Ok(Conn::Tls(Box::new(stream)))).await;
+                match admit(tcp, tls, &handshakes, &limits).await {
+                    Ok(stream) => {
+                        let hard_end = limits.hard_end_after.map(|after| accepted_at + after);
+                        let conn = Guarded::new(stream, permit, hard_end, limits.frames_per_sec);
+                        let _ = ready.send(Ok(conn)).await;
                     }
-                    // A client's failed handshake is its own business, but
-                    // a stream of them is worth seeing at debug level.
-                    Ok(Err(error)) => tracing::debug!(?peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                    // A client's failure is its own business, but a stream
+                    // of them is worth seeing at debug level.
+                    Err(why) => tracing::debug!(?peer, why, "connection refused"),
                 }
-                drop(slot);
             });
         }
     });
     ReceiverStream::new(incoming)
 }
 
-impl AsyncRead for Conn {
+/// The connection once it has shown itself to be an HTTP/2 client in time.
+async fn admit(
+    tcp: TcpStream,
+    tls: Option<Arc<CurrentTlsConfig>>,
+    handshakes: &Arc<Semaphore>,
+    limits: &ConnectionLimits,
+) -> Result<Stream, &'static str> {
+    let mut stream = match tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            // The ClientHello's first byte, without holding a handshake slot.
+            match timeout(limits.first_bytes_timeout, tcp.peek(&mut [0u8; 1])).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Err("closed before TLS"),
+                Err(_) => return Err("no ClientHello in time"),
+            }
+            let _slot = handshakes
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| "closing")?;
+            let acceptor = TlsAcceptor::from(tls.load_full());
+            match timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                Ok(Err(_)) => return Err("TLS handshake failed"),
+                Err(_) => return Err("TLS handshake timed out"),
+            }
+        }
+    };
+    let mut preface = [0u8; HTTP2_PREFACE.len()];
+    match timeout(limits.first_bytes_timeout, stream.read_exact(&mut preface)).await {
+        Ok(Ok(_)) if &preface == HTTP2_PREFACE => Ok(stream),
+        Ok(Ok(_)) => Err("not HTTP/2"),
+        Ok(Err(_)) => Err("closed before the HTTP/2 preface"),
+        Err(_) => Err("no HTTP/2 preface in time"),
+    }
+}
+
+impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -134,7 +183,7 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
+impl AsyncWrite for Stream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -2,8 +2,9 @@
 //! through Amazon Cognito AdminUserGlobalSignOut.
 //!
 //! [`startup`] is the composition root: it builds every part and serves.
-//! The request path, in order: [`incoming`] and [`startup`] (transport,
-//! health, reflection) → [`service`] (handler) → [`domain`] (validation) →
+//! The request path, in order: [`incoming`] (accept, under the bounds of
+//! [`connections`]), [`request_guard`] (gRPC only, body deadline) and
+//! [`startup`] (transport, health, reflection) → [`service`] (handler) → [`domain`] (validation) →
 //! [`pools`] (which pool) → [`limiter`] (per-caller limits) → [`signout`]
 //! (coalesced jobs, shared budget, retries, audit) → [`cognito`] (the SDK
 //! call) → [`error`] (the status table). VerifyToken takes the same path to
@@ -17,6 +18,7 @@
 pub mod authz;
 pub mod cognito;
 pub mod config;
+pub mod connections;
 pub mod deadline;
 pub mod domain;
 pub mod error;
@@ -26,6 +28,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod pools;
 pub mod reload;
+pub mod request_guard;
 pub mod service;
 pub mod signout;
 pub mod startup;

@@ -5,16 +5,16 @@
 //! The listener is a few lines of hyper on purpose: one path, no routing
 //! framework needed.
 
-use std::{convert::Infallible, future::Future, sync::Arc};
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 /// Latency buckets in seconds: sub-millisecond refusals up to slow Cognito.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -49,6 +49,7 @@ pub struct Metrics {
     in_flight: IntGauge,
     current_rate: Gauge,
     log_lines_dropped: IntCounter,
+    log_lines_suppressed: IntCounter,
 }
 
 /// Label values created at zero when the process starts. A counter series
@@ -79,6 +80,8 @@ pub struct Sampled {
     pub current_rate: f64,
     /// Log lines dropped so far because stdout could not keep up.
     pub log_lines_dropped: u64,
+    /// Warning and error lines dropped so far as repeats of one statement.
+    pub log_lines_suppressed: u64,
 }
 
 impl Metrics {
@@ -201,6 +204,14 @@ impl Metrics {
         registry
             .register(Box::new(log_lines_dropped.clone()))
             .expect("unique name");
+        let log_lines_suppressed = IntCounter::new(
+            "session_log_lines_suppressed_total",
+            "Warning and error lines not written because the same statement logged too often (over 20 at once or 5 a second).",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(log_lines_suppressed.clone()))
+            .expect("unique name");
         let build_info = IntGaugeVec::new(
             Opts::new("session_build_info", "Always 1; the labels name the build."),
             &["version"],
@@ -227,6 +238,7 @@ impl Metrics {
             in_flight,
             current_rate,
             log_lines_dropped,
+            log_lines_suppressed,
         }
     }
 
@@ -257,6 +269,9 @@ impl Metrics {
         let dropped = sampled.log_lines_dropped;
         self.log_lines_dropped
             .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
+        let suppressed = sampled.log_lines_suppressed;
+        self.log_lines_suppressed
+            .inc_by(suppressed.saturating_sub(self.log_lines_suppressed.get()));
         let mut text = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut text);
@@ -270,16 +285,33 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Time a scrape has to send its request headers, and the longest a
+/// metrics connection lives: Prometheus sends a few hundred bytes at once.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// hyper's smallest read buffer; a scrape's request is far below it, and a
+/// header that does not fit is refused (431) instead of buffered.
+const METRICS_MAX_BUF: usize = 8 * 1024;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves, with at
+/// most `budget` connections at once (further clients wait in the kernel's
+/// backlog: no file descriptors taken from the gRPC port).
 pub async fn serve_metrics<F>(
     listener: TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
+    budget: Arc<Semaphore>,
     shutdown: F,
 ) where
     F: Future<Output = ()>,
 {
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = budget.clone().acquire_owned() => permit,
+            () = &mut shutdown => return,
+        };
+        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => return,
@@ -300,9 +332,14 @@ pub async fn serve_metrics<F>(
                 let render = render.clone();
                 async move { Ok::<_, Infallible>(respond(&request, &*render)) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .max_buf_size(METRICS_MAX_BUF)
+                .serve_connection(TokioIo::new(stream), service);
+            // Also bounds a client that never reads the response.
+            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, connection).await;
+            drop(permit);
         });
     }
 }
@@ -339,6 +376,7 @@ mod tests {
             in_flight: 2,
             current_rate: 10.0,
             log_lines_dropped: 7,
+            log_lines_suppressed: 3,
         });
         for line in [
             "session_rate_limit_rejections_total{reason=\"RATE_LIMITED\"} 1",
@@ -346,6 +384,7 @@ mod tests {
             "session_cognito_in_flight 2",
             "session_rate_limit_rate_per_second 10",
             "session_log_lines_dropped_total 7",
+            "session_log_lines_suppressed_total 3",
             "session_build_info{version=\"",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
@@ -361,6 +400,7 @@ mod tests {
             in_flight: 0,
             current_rate: 20.0,
             log_lines_dropped: 0,
+            log_lines_suppressed: 0,
         });
         for line in [
             "session_rate_limit_configured_rate_per_second 20",
@@ -387,6 +427,7 @@ mod tests {
                 in_flight: 0,
                 current_rate: 0.0,
                 log_lines_dropped: 0,
+                log_lines_suppressed: 0,
             })
         };
         metrics.record_reload("tls", false);

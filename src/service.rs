@@ -124,9 +124,12 @@ impl SessionApi {
         let user_hash = self.users.hasher.hash(&request.username);
         let username = self.users.log_usernames.then(|| request.username.expose());
         note.target(pool.as_str(), user_hash.clone(), username);
-        self.callers.check(&caller, received)?;
+        self.callers.check(&caller, verified.is_some(), received)?;
         let time_allowed =
             deadline::time_allowed(self.upstream_timeout, deadline::caller_timeout(metadata));
+        if time_allowed < deadline::MIN_TIME_FOR_A_CALL {
+            return Err(SignOutError::DeadlineTooShort);
+        }
         // The flow audits every Cognito call it makes, whoever still waits.
         self.flow
             .sign_out(SignOutCall {

@@ -25,12 +25,14 @@ use crate::{
     authz::{CurrentPolicy, Policy},
     cognito::Cognito,
     config::Config,
+    connections::{self, ConnectionLimits},
     incoming,
     limiter::{CallerLimits, UpstreamBudget},
     metrics::Metrics,
     pools::PoolPolicy,
     proto::{self, session_service_server::SessionServiceServer},
     reload::{self, Watched},
+    request_guard::RequestGuardLayer,
     service::{CallerPolicy, SessionApi, UserLogging},
     signout::SignOutFlow,
     telemetry::{RpcTelemetryLayer, UserHasher},
@@ -58,6 +60,8 @@ pub struct Checked {
     pub tls: Option<Loaded<TlsFiles, Arc<rustls::ServerConfig>>>,
     /// The policy file, its contents and the policy.
     pub policy: Option<Loaded<PathBuf, Policy>>,
+    /// Connections the gRPC port may hold at once.
+    pub max_connections: u64,
 }
 
 /// Checks what can be checked without serving: flags that are only wrong
@@ -71,6 +75,7 @@ pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, Startup
     let tls = security.tls_files().map(load_tls).transpose()?;
     let policy = security.authz_policy.clone().map(load_policy).transpose()?;
     let verifies_callers = security.tls_client_ca.is_some() || security.trust_forwarded_client_cert;
+    let max_connections = connection_budget(config)?;
     if policy.is_some() && !verifies_callers {
         return Err(StartupError::PolicyWithoutIdentity);
     }
@@ -79,7 +84,26 @@ pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, Startup
         hasher: user_hasher(config)?,
         tls,
         policy,
+        max_connections,
     })
+}
+
+/// The gRPC port's connection budget, after raising the open-files limit:
+/// what is left once the metrics and health ports' budgets and the Cognito
+/// client's connections (one per call in flight) are set aside.
+fn connection_budget(config: &Config) -> Result<u64, StartupError> {
+    let limit = connections::raise_fd_limit();
+    let side_listeners = if config.security.health_listen.is_some() {
+        2
+    } else {
+        1
+    };
+    let others = config.connections.metrics_max_connections * side_listeners + config.max_in_flight;
+    Ok(connections::grpc_budget(
+        limit,
+        config.connections.max_connections,
+        others,
+    )?)
 }
 
 fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
@@ -129,6 +153,24 @@ struct Lifecycle {
     max_concurrent_streams: u32,
     max_header_list_size: u32,
     reload_interval: Duration,
+    max_connections: u64,
+    side_max_connections: u64,
+    first_bytes_timeout: Duration,
+    max_connection_age_grace: Duration,
+    request_body_timeout: Duration,
+    max_frames_per_second: u32,
+}
+
+impl Lifecycle {
+    /// The bounds of a listener holding `max` connections; the hard end and
+    /// the frame budget apply to every listener serving HTTP/2.
+    fn limits(&self, max: u64) -> ConnectionLimits {
+        let mut limits =
+            ConnectionLimits::new(max, self.first_bytes_timeout, self.handshake_timeout);
+        limits.hard_end_after = Some(self.max_connection_age + self.max_connection_age_grace);
+        limits.frames_per_sec = Some(self.max_frames_per_second);
+        limits
+    }
 }
 
 impl Application {
@@ -142,7 +184,9 @@ impl Application {
             hasher,
             tls,
             policy,
+            max_connections,
         } = checked;
+        tracing::info!(max_connections, "connection budget of the gRPC port");
         let mut reloads = Vec::new();
         let tls = tls.map(|loaded| {
             let current = Arc::new(CurrentTlsConfig::new(loaded.value));
@@ -213,6 +257,12 @@ impl Application {
                 max_concurrent_streams: security.max_concurrent_streams,
                 max_header_list_size: security.max_header_list_size,
                 reload_interval: security.reload_interval,
+                max_connections,
+                side_max_connections: config.connections.metrics_max_connections,
+                first_bytes_timeout: config.connections.first_bytes_timeout,
+                max_connection_age_grace: config.connections.max_connection_age_grace,
+                request_body_timeout: config.connections.request_body_timeout,
+                max_frames_per_second: config.connections.max_frames_per_second,
             },
             log_drops: None,
         })
@@ -273,10 +323,12 @@ impl Application {
             self.metrics.clone(),
             self.flow.clone(),
             self.log_drops,
+            lifecycle.side_max_connections,
         );
-        let health_stop = self
-            .health_listener
-            .map(|(listener, _)| spawn_health_server(listener, health_service.clone()));
+        let health_stop = self.health_listener.map(|(listener, _)| {
+            let limits = lifecycle.limits(lifecycle.side_max_connections);
+            spawn_health_server(listener, health_service.clone(), limits)
+        });
         let reloaders: Vec<_> = self
             .reloads
             .into_iter()
@@ -288,14 +340,19 @@ impl Application {
                 }))
             })
             .collect();
-        let incoming = incoming::accept(self.listener, self.tls, lifecycle.handshake_timeout);
+        let incoming = incoming::accept(
+            self.listener,
+            self.tls,
+            lifecycle.limits(lifecycle.max_connections),
+        );
 
         set_health(&health, ServingStatus::Serving).await;
         tracing::info!(addr = %self.local_addr, metrics_addr = %self.metrics_addr, "serving session.v1.SessionService");
         let server = Server::builder()
             // GOAWAY at this age makes clients reconnect, so connections
-            // pinned to old pods behind a ClusterIP rebalance. No age *grace*:
-            // with tonic 0.14.9 it suppresses the GOAWAY altogether.
+            // pinned to old pods behind a ClusterIP rebalance. No age *grace*
+            // here (with tonic 0.14.9 it suppresses the GOAWAY altogether):
+            // the connection's I/O ends at age + grace (`connections`).
             .max_connection_age(lifecycle.max_connection_age)
             // PINGs find dead peers that TCP alone would not notice for hours.
             .http2_keepalive_interval(Some(lifecycle.keepalive_interval))
@@ -306,6 +363,10 @@ impl Application {
             .max_concurrent_streams(lifecycle.max_concurrent_streams)
             .http2_max_header_list_size(lifecycle.max_header_list_size)
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
+            // Outermost: what is not a gRPC request is refused (415) before
+            // it costs anything or reaches a handler, and a request body that
+            // never ends stops holding the call after its timeout.
+            .layer(RequestGuardLayer::new(lifecycle.request_body_timeout))
             // The RPC span (joined to the caller's trace), duration metric and
             // access line. tonic's own grpc-timeout layer sits outside every
             // layer added here and drops the call when it fires, so the

@@ -1,6 +1,12 @@
 //! Per-caller limits, checked before the shared budget so that one noisy
 //! caller cannot spend everybody's share. A bounded table of GCRA cells (see
 //! `gcra.rs` for why not governor's keyed limiter).
+//!
+//! Who gets a cell of their own: verified identities (a client certificate,
+//! a trusted XFCC), and callers named in the overrides. A self-declared id
+//! is a label anyone can mint, so every other self-declared (or anonymous)
+//! caller shares one cell at the default rate: a new id per request buys
+//! one caller's allowance in all, never the shared budget.
 
 use std::{
     collections::HashMap,
@@ -49,6 +55,9 @@ struct Table {
     /// Callers named in the overrides: configured, so few, and always
     /// tracked, never pushed into the overflow cell.
     overridden: HashMap<CallerId, Gcra>,
+    /// Shared, at the default rate, by every unverified caller that no
+    /// override names.
+    unverified: Option<Gcra>,
     /// Shared, at the default rate, by new callers while the table is full
     /// of active ones, so random ids cannot grow memory (and gain nothing:
     /// they share one allowance).
@@ -69,8 +78,14 @@ impl CallerLimits {
         }
     }
 
-    /// Takes one request from `caller`'s allowance.
-    pub fn check(&self, caller: &CallerId, now: Instant) -> Result<(), CallerRateLimited> {
+    /// Takes one request from `caller`'s allowance; `verified` when the id
+    /// comes from a verified identity rather than the caller's own say-so.
+    pub fn check(
+        &self,
+        caller: &CallerId,
+        verified: bool,
+        now: Instant,
+    ) -> Result<(), CallerRateLimited> {
         let take = |cell: &mut Gcra| {
             cell.try_take(now)
                 .map_err(|retry_after| CallerRateLimited { retry_after })
@@ -88,6 +103,9 @@ impl CallerLimits {
             return Ok(());
         };
         let new_cell = || Gcra::new(rate, self.burst_for(rate), now);
+        if !verified {
+            return take(table.unverified.get_or_insert_with(new_cell));
+        }
         let full = |table: &Table| table.cells.len() >= self.settings.max_tracked;
         if !table.cells.contains_key(caller) && full(table) {
             table.sweep(now);
@@ -171,7 +189,9 @@ mod tests {
         let limits = CallerLimits::new(CallerSettings::default());
         let now = Instant::now();
         for _ in 0..1000 {
-            limits.check(&caller("noisy"), now).expect("unlimited");
+            limits
+                .check(&caller("noisy"), true, now)
+                .expect("unlimited");
         }
         assert_eq!(limits.tracked(), 0, "nothing tracked when unlimited");
     }
@@ -181,17 +201,17 @@ mod tests {
         let limits = limited(2.0, 1, 100);
         let now = Instant::now();
 
-        limits.check(&caller("noisy"), now).expect("first");
+        limits.check(&caller("noisy"), true, now).expect("first");
         let refused = limits
-            .check(&caller("noisy"), now)
+            .check(&caller("noisy"), true, now)
             .expect_err("second at once");
         limits
-            .check(&caller("quiet"), now)
+            .check(&caller("quiet"), true, now)
             .expect("quiet caller unaffected");
 
         assert_eq!(refused.retry_after, Duration::from_millis(500));
         limits
-            .check(&caller("noisy"), now + Duration::from_millis(500))
+            .check(&caller("noisy"), true, now + Duration::from_millis(500))
             .expect("after the wait");
     }
 
@@ -207,14 +227,14 @@ mod tests {
 
         for _ in 0..5 {
             limits
-                .check(&caller("batch"), now)
+                .check(&caller("batch"), true, now)
                 .expect("override allows a burst of 5");
         }
-        assert!(limits.check(&caller("batch"), now).is_err());
+        assert!(limits.check(&caller("batch"), true, now).is_err());
         limits
-            .check(&caller("other"), now)
+            .check(&caller("other"), true, now)
             .expect("default allows 1");
-        assert!(limits.check(&caller("other"), now).is_err());
+        assert!(limits.check(&caller("other"), true, now).is_err());
     }
 
     #[test]
@@ -223,19 +243,23 @@ mod tests {
         let now = Instant::now();
         for i in 0..10 {
             limits
-                .check(&caller(&format!("known-{i}")), now)
+                .check(&caller(&format!("known-{i}")), true, now)
                 .expect("tracked");
         }
 
         let refused = (0..100)
-            .filter(|i| limits.check(&caller(&format!("random-{i}")), now).is_err())
+            .filter(|i| {
+                limits
+                    .check(&caller(&format!("random-{i}")), true, now)
+                    .is_err()
+            })
             .count();
 
         assert_eq!(limits.tracked(), 10);
         assert_eq!(refused, 99, "all random ids share one cell of burst 1");
         let later = now + Duration::from_secs(1);
         limits
-            .check(&caller("known-3"), later)
+            .check(&caller("known-3"), true, later)
             .expect("a known caller keeps its own cell");
     }
 
@@ -245,12 +269,12 @@ mod tests {
         let now = Instant::now();
         for i in 0..100 {
             limits
-                .check(&caller(&format!("known-{i}")), now)
+                .check(&caller(&format!("known-{i}")), true, now)
                 .expect("tracked");
         }
 
         for i in 0..1000 {
-            let _ = limits.check(&caller(&format!("random-{i}")), now);
+            let _ = limits.check(&caller(&format!("random-{i}")), true, now);
         }
 
         let table = limits.table.lock().expect("not poisoned");
@@ -258,7 +282,7 @@ mod tests {
         drop(table);
         let later = now + Duration::from_secs(1);
         limits
-            .check(&caller("newcomer"), later)
+            .check(&caller("newcomer"), true, later)
             .expect("idle callers swept once they can be");
         assert_eq!(limits.table.lock().expect("not poisoned").sweeps, 2);
     }
@@ -272,34 +296,67 @@ mod tests {
             max_tracked: 1,
         });
         let now = Instant::now();
-        limits.check(&caller("known"), now).expect("tracked");
+        limits.check(&caller("known"), true, now).expect("tracked");
 
         // An overridden caller arriving at a full table keeps its own rate
         // and does not lend it to the overflow cell.
         for _ in 0..100 {
-            limits.check(&caller("batch"), now).expect("its own burst");
+            limits
+                .check(&caller("batch"), true, now)
+                .expect("its own burst");
         }
         let refused = (0..10)
-            .filter(|i| limits.check(&caller(&format!("random-{i}")), now).is_err())
+            .filter(|i| {
+                limits
+                    .check(&caller(&format!("random-{i}")), true, now)
+                    .is_err()
+            })
             .count();
 
         assert_eq!(refused, 9, "random ids share one cell at the default rate");
     }
 
     #[test]
+    fn unverified_callers_share_one_cell_unless_an_override_names_them() {
+        let limits = CallerLimits::new(CallerSettings {
+            rate_per_sec: Some(1.0),
+            burst: Some(2),
+            overrides: vec![(caller("billing"), 1.0)],
+            max_tracked: 100,
+        });
+        let now = Instant::now();
+        let admitted = (0..100)
+            .filter(|i| {
+                limits
+                    .check(&caller(&format!("minted-{i}")), false, now)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(admitted, 2, "minted ids share one burst");
+        assert!(limits.check(&CallerId::anonymous(), false, now).is_err());
+        limits
+            .check(&caller("billing"), false, now)
+            .expect("a named caller keeps its own cell");
+        limits
+            .check(&caller("spiffe://x/verified"), true, now)
+            .expect("a verified caller keeps its own cell");
+        assert_eq!(limits.tracked(), 1);
+    }
+
+    #[test]
     fn idle_callers_are_forgotten_when_room_is_needed() {
         let limits = limited(1.0, 1, 2);
         let now = Instant::now();
-        limits.check(&caller("a"), now).expect("a");
-        limits.check(&caller("b"), now).expect("b");
+        limits.check(&caller("a"), true, now).expect("a");
+        limits.check(&caller("b"), true, now).expect("b");
 
         let later = now + Duration::from_secs(5);
         limits
-            .check(&caller("c"), later)
+            .check(&caller("c"), true, later)
             .expect("c gets its own cell");
 
         assert_eq!(limits.tracked(), 1, "a and b were idle and dropped");
-        limits.check(&caller("d"), later).expect("room for d");
+        limits.check(&caller("d"), true, later).expect("room for d");
         assert_eq!(limits.tracked(), 2);
     }
 }

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 
 use crate::{
-    authz::PolicyError, pools::DefaultPoolNotAllowed, reload::ReadError, telemetry::HashKeyError,
-    tls::TlsError,
+    authz::PolicyError, connections::FdLimitTooLow, pools::DefaultPoolNotAllowed,
+    reload::ReadError, telemetry::HashKeyError, tls::TlsError,
 };
 
 /// Why the server could not start. Each maps to a process exit code.
@@ -52,6 +52,9 @@ pub enum StartupError {
         "--authz-policy needs verified callers: set --tls-client-ca (mTLS) or --trust-forwarded-client-cert (a mesh sidecar)"
     )]
     PolicyWithoutIdentity,
+    /// The open-files limit cannot hold the connection budgets.
+    #[error(transparent)]
+    FdLimit(#[from] FdLimitTooLow),
     /// The listen address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -85,7 +88,8 @@ impl StartupError {
             | Self::Tls(_)
             | Self::PolicyFile { .. }
             | Self::Policy { .. }
-            | Self::PolicyWithoutIdentity => 64,
+            | Self::PolicyWithoutIdentity
+            | Self::FdLimit(_) => 64,
             Self::Bind { .. }
             | Self::JwksClient(_)
             | Self::TokenMetrics(_)

@@ -1,14 +1,18 @@
 //! The side servers that run beside the API: /metrics, and the plaintext
 //! health port for kubelet probes.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, oneshot},
+};
 use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::{
+    connections::ConnectionLimits,
     incoming,
     metrics::{self, Metrics, Sampled},
     signout::SignOutFlow,
@@ -21,6 +25,7 @@ pub(super) fn spawn_metrics_server(
     metrics: Arc<Metrics>,
     flow: SignOutFlow,
     log_drops: Option<ErrorCounter>,
+    max_connections: u64,
 ) -> oneshot::Sender<()> {
     let (stop, stopped) = oneshot::channel::<()>();
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
@@ -29,9 +34,14 @@ pub(super) fn spawn_metrics_server(
             in_flight: flow.in_flight(),
             current_rate: flow.budget().current_rate(),
             log_lines_dropped: log_drops.as_ref().map_or(0, |c| c.dropped_lines() as u64),
+            log_lines_suppressed: crate::telemetry::LOG_LINES_SUPPRESSED
+                .load(std::sync::atomic::Ordering::Relaxed),
         })
     });
-    tokio::spawn(metrics::serve_metrics(listener, render, async {
+    let budget = Arc::new(Semaphore::new(
+        usize::try_from(max_connections).unwrap_or(usize::MAX),
+    ));
+    tokio::spawn(metrics::serve_metrics(listener, render, budget, async {
         let _ = stopped.await;
     }));
     stop
@@ -42,9 +52,10 @@ pub(super) fn spawn_metrics_server(
 pub(super) fn spawn_health_server(
     listener: TcpListener,
     health_service: HealthServer<impl Health>,
+    limits: ConnectionLimits,
 ) -> oneshot::Sender<()> {
     let (stop, stopped) = oneshot::channel::<()>();
-    let incoming = incoming::accept(listener, None, Duration::ZERO);
+    let incoming = incoming::accept(listener, None, limits);
     tokio::spawn(
         Server::builder()
             .add_service(health_service)

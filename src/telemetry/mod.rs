@@ -2,6 +2,7 @@
 //! `RUST_LOG`-style filter, JSON or text logs, and an OpenTelemetry layer when
 //! an OTLP endpoint is configured through the standard `OTEL_*` variables.
 
+mod repeats;
 mod rpc_layer;
 mod user_hash;
 
@@ -19,6 +20,7 @@ use tracing_subscriber::{
     layer::SubscriberExt,
 };
 
+pub use repeats::LOG_LINES_SUPPRESSED;
 pub use rpc_layer::{AccessNote, RpcTelemetryLayer, code_name};
 pub use user_hash::{HashKeyError, UserHasher};
 
@@ -90,11 +92,15 @@ where
             .with_current_span(false)
             .with_span_list(false)
             .with_writer(sink)
-            .with_filter(filter.and(filter_fn(|meta| meta.is_event())))
+            .with_filter(
+                filter
+                    .and(filter_fn(|meta| meta.is_event()))
+                    .and(repeats::RepeatLimit::default()),
+            )
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(sink)
-            .with_filter(filter)
+            .with_filter(filter.and(repeats::RepeatLimit::default()))
             .boxed(),
     };
     // Only our own spans go to the collector: h2, hyper, tonic and the SDK

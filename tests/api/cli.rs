@@ -237,3 +237,38 @@ fn unusable_security_files_are_exit_code_64_naming_the_problem() {
     assert_eq!(unverifiable.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&unverifiable.stderr).contains("--tls-client-ca"));
 }
+
+#[test]
+fn a_connection_budget_the_open_files_limit_cannot_hold_is_exit_code_64() {
+    let under_256_fds = |args: &[&str]| {
+        let template = service();
+        let mut command = Command::new("prlimit");
+        command
+            .env_clear()
+            .envs(template.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .env("AWS_REGION", "us-east-1")
+            .args([
+                "--nofile=256",
+                "--",
+                template.get_program().to_str().expect("utf-8"),
+            ])
+            .arg("--check-config")
+            .args(args);
+        run(&mut command)
+    };
+
+    let derived = under_256_fds(&[]);
+    let too_many = under_256_fds(&["--max-connections", "1000"]);
+
+    assert_eq!(
+        derived.status.code(),
+        Some(0),
+        "the budget fits what is left"
+    );
+    assert_eq!(too_many.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&too_many.stderr);
+    assert!(
+        stderr.contains("open-files limit (256)") && stderr.contains("--max-connections"),
+        "{stderr}"
+    );
+}

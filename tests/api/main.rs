@@ -10,6 +10,7 @@ mod drain;
 mod fake_cognito;
 mod grpcurl;
 mod helpers;
+mod hostile;
 mod jwks_server;
 mod lifecycle;
 mod monitoring;

@@ -344,6 +344,15 @@ async fn metrics_count_a_known_mix_of_calls_exactly() {
     config.allowed_user_pool_ids = vec![POOL.parse().expect("valid")];
     config.per_caller_rps = Some(1.0);
     config.per_caller_burst = Some(1);
+    // Self-declared callers have allowances of their own only when named.
+    config.per_caller_rps_overrides = ["a", "b"]
+        .map(|id| {
+            (
+                session_service::identity::CallerId::parse(id).expect("id"),
+                1.0,
+            )
+        })
+        .to_vec();
     let app = TestApp::spawn(config).await;
     let call = |pool: &str, user: &str, caller: &str| {
         let mut client = app.client.clone();

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use session_service::proto::session_service_client::SessionServiceClient;
+use session_service::{identity::CallerId, proto::session_service_client::SessionServiceClient};
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt;
 
@@ -145,6 +145,10 @@ async fn a_noisy_caller_at_ten_times_its_share_does_not_hurt_a_quiet_one() {
     let mut config = test_config(&fake.endpoint());
     config.rate_limit_rps = 20.0;
     config.per_caller_rps = Some(5.0);
+    // Self-declared ids have allowances of their own only when named.
+    config.per_caller_rps_overrides = ["noisy", "quiet"]
+        .map(|id| (CallerId::parse(id).expect("caller id"), 5.0))
+        .to_vec();
     let app = TestApp::spawn(config).await;
 
     let (noisy, quiet) = tokio::join!(

@@ -1,0 +1,50 @@
+//! What connections may cost: how many, how long before their first bytes,
+//! how long at most, how many frames per second.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::parse_duration;
+
+/// Flags bounding connections on every listener.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionConfig {
+    /// Client connections the gRPC port holds at once; further clients wait
+    /// in the kernel's backlog until one closes. Default: what the
+    /// open-files limit leaves (the soft limit is raised to the hard one at
+    /// start), at most 4096. Start fails if the limit cannot hold the number.
+    #[arg(long, env = "SESSION_MAX_CONNECTIONS", value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: Option<u64>,
+
+    /// Connections the metrics port (and, separately, the health port) holds
+    /// at once: scrapers and probes are few.
+    #[arg(long, env = "SESSION_METRICS_MAX_CONNECTIONS", default_value_t = 16, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub metrics_max_connections: u64,
+
+    /// Time a new connection has to send its first bytes: the TLS ClientHello,
+    /// then (after the handshake, or at once in plaintext) the HTTP/2 preface.
+    /// Silent connections are closed after it.
+    #[arg(long, env = "SESSION_FIRST_BYTES_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    pub first_bytes_timeout: Duration,
+
+    /// After --max-connection-age has sent GOAWAY, time left for the calls
+    /// under way; then the connection is closed whatever its state (a stream
+    /// that never ends, a peer that never reads).
+    #[arg(long, env = "SESSION_MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+
+    /// Time a call's request body has to arrive in full after its headers;
+    /// later, the call ends with ABORTED. Reflection streams are exempt.
+    #[arg(long, env = "SESSION_REQUEST_BODY_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub request_body_timeout: Duration,
+
+    /// HTTP/2 frames per second one connection may send (one second's worth
+    /// may come at once); past it the server reads nothing more from that
+    /// connection until the rate allows. A sign-out call is 2 to 4 frames.
+    #[arg(long, env = "SESSION_MAX_FRAMES_PER_SECOND", default_value_t = 2000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
+    pub max_frames_per_second: u32,
+}

@@ -1,0 +1,146 @@
+//! A per-connection budget of HTTP/2 frames. h2 answers every PING and
+//! SETTINGS and processes every WINDOW_UPDATE and PRIORITY a peer sends, so a
+//! flood of 9-byte frames costs the service far more than the attacker.
+//! Counting frame headers in the decrypted byte stream (the 9-byte header
+//! carries the payload length, so nothing else needs parsing) and pausing
+//! reads once a connection is over its rate bounds what one connection can
+//! make the service do, whatever the frame types. h2 0.4 offers no such
+//! knob itself, hence this small hand-written meter.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Length of an HTTP/2 frame header.
+const FRAME_HEADER_LEN: usize = 9;
+
+/// Counts the frames that start in a byte stream of HTTP/2 frames.
+#[derive(Debug, Default)]
+pub(crate) struct FrameCounter {
+    /// Payload bytes of the current frame still to come.
+    payload_left: usize,
+    /// Bytes of the next frame header seen so far.
+    header: [u8; FRAME_HEADER_LEN],
+    header_len: usize,
+}
+
+impl FrameCounter {
+    /// Feeds the next bytes of the stream; returns how many frames began.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut frames = 0;
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let skip = self.payload_left.min(bytes.len());
+                self.payload_left -= skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let take = (FRAME_HEADER_LEN - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
+            self.header_len += take;
+            bytes = &bytes[take..];
+            if self.header_len == FRAME_HEADER_LEN {
+                let [a, b, c, ..] = self.header;
+                self.payload_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+                self.header_len = 0;
+                frames += 1;
+            }
+        }
+        frames
+    }
+}
+
+/// A token bucket of frames: `rate` per second, up to one second's worth
+/// banked. Reads may overdraw it (a read returns what the socket had); the
+/// connection then reads nothing until the debt is paid.
+#[derive(Debug)]
+pub(crate) struct FrameBudget {
+    rate: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl FrameBudget {
+    pub(crate) fn new(rate_per_sec: u32, now: Instant) -> Self {
+        let rate = f64::from(rate_per_sec);
+        Self {
+            rate,
+            tokens: rate,
+            updated: now,
+        }
+    }
+
+    /// Spends `frames`; returns how long reads must pause, if at all.
+    pub(crate) fn spend(&mut self, frames: u64, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        #[allow(clippy::cast_precision_loss)] // frames per read: far below 2^52
+        let frames = frames as f64;
+        self.tokens -= frames;
+        self.pause()
+    }
+
+    /// How long reads must still pause at `now`, if at all.
+    pub(crate) fn pause_at(&mut self, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        self.pause()
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.updated = now;
+    }
+
+    fn pause(&self) -> Option<Duration> {
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize) -> Vec<u8> {
+        let mut bytes = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            6,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        bytes.extend(std::iter::repeat_n(0xAB, len));
+        bytes
+    }
+
+    #[test]
+    fn frames_are_counted_however_the_stream_is_split() {
+        let stream: Vec<u8> = [frame(8), frame(0), frame(70_000), frame(4)].concat();
+        for chunk in [1, 2, 5, 9, 10, 4096, stream.len()] {
+            let mut counter = FrameCounter::default();
+            let total: u64 = stream.chunks(chunk).map(|c| counter.feed(c)).sum();
+            assert_eq!(total, 4, "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_connection_over_its_rate_pauses_until_the_debt_is_paid() {
+        let start = Instant::now();
+        let mut budget = FrameBudget::new(100, start);
+        assert_eq!(
+            budget.spend(100, start),
+            None,
+            "one second's worth is banked"
+        );
+        let pause = budget.spend(50, start).expect("overdrawn");
+        assert_eq!(pause, Duration::from_millis(500));
+        assert_eq!(budget.pause_at(start + Duration::from_millis(500)), None);
+        // Idle time banks at most one second's worth.
+        let later = start + Duration::from_secs(60);
+        assert_eq!(budget.spend(100, later), None);
+        assert!(budget.spend(1, later).is_some());
+    }
+}

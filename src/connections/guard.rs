@@ -1,0 +1,220 @@
+//! The wrapper every accepted connection's I/O goes through: it holds the
+//! connection's place in the listener's budget, replays the HTTP/2 preface
+//! that was read to check the client, meters frames (see `frames.rs`), and
+//! ends the connection hard at its deadline whatever state HTTP/2 is in
+//! (tonic 0.14.9's own age grace suppresses the GOAWAY, so it is not used).
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::OwnedSemaphorePermit,
+    time::{Instant, Sleep},
+};
+
+use super::frames::{FrameBudget, FrameCounter};
+
+/// The client connection preface every HTTP/2 connection starts with.
+pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An accepted connection's I/O under the listener's bounds.
+#[derive(Debug)]
+pub struct Guarded<IO> {
+    io: IO,
+    /// Preface bytes already read from `io`, still to hand to HTTP/2.
+    replay: &'static [u8],
+    /// The connection is cut when this fires.
+    hard_end: Option<Pin<Box<Sleep>>>,
+    frames: Option<(FrameCounter, FrameBudget)>,
+    /// Reads wait for this after the connection overdrew its frame budget.
+    paused: Option<Pin<Box<Sleep>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<IO> Guarded<IO> {
+    /// `io`, whose preface was read already, ended at `hard_end` and held
+    /// to `frames_per_sec` when given.
+    pub fn new(
+        io: IO,
+        permit: OwnedSemaphorePermit,
+        hard_end: Option<Instant>,
+        frames_per_sec: Option<u32>,
+    ) -> Self {
+        Self {
+            io,
+            replay: HTTP2_PREFACE,
+            hard_end: hard_end.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            frames: frames_per_sec.map(|rate| {
+                (
+                    FrameCounter::default(),
+                    FrameBudget::new(rate, Instant::now()),
+                )
+            }),
+            paused: None,
+            _permit: permit,
+        }
+    }
+
+    /// The wrapped I/O.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    fn check_hard_end(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(end) = &mut self.hard_end else {
+            return Ok(());
+        };
+        if end.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection past its age and grace",
+            ));
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self, pause: Duration) {
+        self.paused = Some(Box::pin(tokio::time::sleep(pause)));
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_hard_end(cx)?;
+        if let Some(paused) = &mut this.paused {
+            ready!(paused.as_mut().poll(cx));
+            this.paused = None;
+            if let Some(pause) = this
+                .frames
+                .as_mut()
+                .and_then(|(_, b)| b.pause_at(Instant::now()))
+            {
+                this.pause(pause);
+                return Poll::Pending;
+            }
+        }
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay = &this.replay[n..];
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        if let Some((counter, budget)) = &mut this.frames {
+            let frames = counter.feed(&buf.filled()[before..]);
+            if let Some(pause) = budget.spend(frames, Instant::now()) {
+                this.pause(pause);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_hard_end(cx)?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_hard_end(cx)?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_hard_end(cx)?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        sync::Semaphore,
+    };
+
+    use super::*;
+
+    fn permit() -> OwnedSemaphorePermit {
+        Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_preface_is_replayed_then_the_stream_follows() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut guarded = Guarded::new(server, permit(), None, None);
+        client.write_all(b"rest").await.expect("write");
+        let mut read = vec![0; 28];
+        guarded.read_exact(&mut read).await.expect("read");
+        assert_eq!(&read[..24], HTTP2_PREFACE);
+        assert_eq!(&read[24..], b"rest");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_cut_at_its_hard_end() {
+        let (_client, server) = tokio::io::duplex(64);
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut guarded = Guarded::new(server, permit(), Some(end), None);
+        let mut preface = [0; 24];
+        guarded.read_exact(&mut preface).await.expect("preface");
+        let error = guarded.read(&mut [0; 8]).await.expect_err("cut");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(Instant::now(), end);
+        assert!(guarded.write_all(b"x").await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_flood_is_read_no_faster_than_the_budget() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut guarded = Guarded::new(server, permit(), None, Some(100));
+        // 400 empty frames: one second's worth banked, three more to wait.
+        let ping = [0u8, 0, 0, 6, 0, 0, 0, 0, 0];
+        client.write_all(&ping.repeat(400)).await.expect("write");
+        let started = Instant::now();
+        let mut read = vec![0; 24 + 9 * 400];
+        guarded.read_exact(&mut read).await.expect("read");
+        let mut more = [0u8; 9];
+        client.write_all(&ping).await.expect("write");
+        guarded.read_exact(&mut more).await.expect("read");
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
