@@ -80,6 +80,13 @@ impl UserPoolId {
     }
 
     /// The id as Cognito expects it.
+    /// The region the pool lives in: the part before its id. Its tokens'
+    /// issuer and its keys are in that region, whatever the service's own.
+    pub fn region(&self) -> &str {
+        // The id after the last '_' has no '_' of its own (see `parse`).
+        self.0.rsplit_once('_').map_or("", |(region, _)| region)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

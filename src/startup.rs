@@ -204,7 +204,7 @@ impl Application {
         let cognito = Cognito::new(sdk_config, &config.upstream());
         let metrics = Arc::new(Metrics::new());
         metrics.configured_rate.set(config.rate_limit_rps);
-        let tokens = tokens(config, sdk_config, &metrics)?;
+        let tokens = tokens(config, &metrics)?;
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             Arc::new(cognito),
@@ -419,25 +419,11 @@ impl Application {
 
 /// The token verifier: JWKS from `--cognito-endpoint` (moto) or the
 /// region's Cognito endpoint; the issuer is always the AWS form.
-fn tokens(
-    config: &Config,
-    sdk_config: &SdkConfig,
-    metrics: &Metrics,
-) -> Result<Tokens, StartupError> {
-    let region = sdk_config.region().ok_or(StartupError::NoRegion)?.as_ref();
-    let base = config
-        .cognito_endpoint
-        .clone()
-        .unwrap_or_else(|| format!("https://cognito-idp.{region}.amazonaws.com"));
+fn tokens(config: &Config, metrics: &Metrics) -> Result<Tokens, StartupError> {
     let settings = config.tokens.settings();
-    let source = HttpJwksSource::new(&base, settings.fetch_timeout)?;
+    let source = HttpJwksSource::new(config.cognito_endpoint.as_deref(), settings.fetch_timeout)?;
     let token_metrics = TokenMetrics::register(metrics.registry())?;
-    Ok(Tokens::new(
-        Arc::new(source),
-        region,
-        &settings,
-        token_metrics,
-    ))
+    Ok(Tokens::new(Arc::new(source), &settings, token_metrics))
 }
 
 /// Binds `addr`, returning the listener and the address actually bound.

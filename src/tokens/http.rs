@@ -21,7 +21,8 @@ const MAX_JWKS_BYTES: usize = 64 * 1024;
 /// Fetches `{base}/{pool}/.well-known/jwks.json`.
 #[derive(Debug, Clone)]
 pub struct HttpJwksSource {
-    base: String,
+    /// `--cognito-endpoint`; without it, the pool's regional endpoint.
+    endpoint: Option<String>,
     timeout: Duration,
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
 }
@@ -32,10 +33,10 @@ pub struct HttpJwksSource {
 pub struct NoRootCertificates(#[from] std::io::Error);
 
 impl HttpJwksSource {
-    /// `base`: `--cognito-endpoint` when set, else
+    /// `endpoint`: `--cognito-endpoint` when set, else each pool's
     /// `https://cognito-idp.{region}.amazonaws.com`. `timeout` bounds a
     /// whole fetch, body included.
-    pub fn new(base: &str, timeout: Duration) -> Result<Self, NoRootCertificates> {
+    pub fn new(endpoint: Option<&str>, timeout: Duration) -> Result<Self, NoRootCertificates> {
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(provider)?
@@ -43,7 +44,7 @@ impl HttpJwksSource {
             .enable_http1()
             .build();
         Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
+            endpoint: endpoint.map(|e| e.trim_end_matches('/').to_owned()),
             timeout,
             client: Client::builder(TokioExecutor::new()).build(connector),
         })
@@ -51,7 +52,14 @@ impl HttpJwksSource {
 
     /// The JWKS URL of `pool`.
     pub fn url(&self, pool: &UserPoolId) -> String {
-        format!("{}/{}/.well-known/jwks.json", self.base, pool.as_str())
+        match &self.endpoint {
+            Some(endpoint) => format!("{endpoint}/{}/.well-known/jwks.json", pool.as_str()),
+            None => format!(
+                "https://cognito-idp.{}.amazonaws.com/{}/.well-known/jwks.json",
+                pool.region(),
+                pool.as_str()
+            ),
+        }
     }
 
     async fn get(&self, url: &str) -> Result<Vec<u8>, JwksError> {

@@ -4,6 +4,11 @@
 //! concurrent refetches of a pool merge into one (the rules of
 //! awslabs/aws-jwt-verify). So a rotated key is found by one refetch, and
 //! a stream of made-up kids costs one fetch per penalty period.
+//!
+//! A fetch belongs to the cache, not to the call that needed it: it runs in
+//! its own task, so a caller that gives up (a short deadline, a reset)
+//! neither cancels it nor escapes its penalty, and the keys still arrive
+//! for the next caller.
 
 use std::{
     collections::HashMap,
@@ -13,9 +18,23 @@ use std::{
 
 use jsonwebtoken::DecodingKey;
 use serde::Deserialize;
-use tokio::time::Instant;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    time::Instant,
+};
 
 use crate::domain::UserPoolId;
+
+/// Pools whose keys are kept. Real deployments verify a handful; the bound
+/// keeps callers that name made-up pools from growing the map.
+pub const MAX_POOLS: usize = 1_000;
+/// JWKS fetches under way at once, over all pools: distinct pool ids must
+/// not turn into a burst of outbound connections.
+const MAX_CONCURRENT_FETCHES: usize = 4;
+/// Fetches started or waiting for one of those slots. Beyond it a call that
+/// needs a fetch is answered UNAVAILABLE at once, so fetch tasks (which
+/// outlive their callers) cannot pile up.
+const MAX_PENDING_FETCHES: usize = 64;
 
 /// Where JWKS documents come from: Cognito over HTTP in the server, a fake
 /// in tests.
@@ -40,12 +59,23 @@ pub enum JwksError {
     /// Not a JWKS, or bigger than any real one.
     #[error("the JWKS document is unusable: {0}")]
     BadDocument(String),
+    /// Too many fetches (of other pools) are under way to start one.
+    #[error("too many JWKS fetches are under way")]
+    Busy,
+}
+
+impl JwksError {
+    /// Cognito answers 400 or 404 for a pool that does not exist: no token
+    /// can be from it, so that is the token's fault, not an outage.
+    fn is_no_such_pool(&self) -> bool {
+        matches!(self, Self::Status(400 | 404))
+    }
 }
 
 /// Why no key was found.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyLookupError {
-    /// The pool's current JWKS has no such `kid`.
+    /// The pool's current JWKS has no such `kid`, or there is no such pool.
     #[error("no key with this kid in the pool's JWKS")]
     UnknownKid,
     /// The JWKS could not be had (and the key is not cached).
@@ -75,12 +105,14 @@ struct PoolState {
     /// Counts finished fetches: a waiter that sees it move knows its
     /// refetch was done by someone else and must not start another.
     generation: u64,
+    /// A fetch task is under way.
+    fetching: bool,
 }
 
 struct PoolEntry {
     state: Mutex<PoolState>,
-    /// Held while fetching: concurrent refetches wait here and share one.
-    fetching: tokio::sync::Mutex<()>,
+    /// The generation, sent when a fetch finishes: what waiters wait on.
+    finished: watch::Sender<u64>,
 }
 
 /// The cache of every pool's keys; one per process, shared by all calls.
@@ -88,7 +120,9 @@ pub struct JwksCache {
     source: Arc<dyn JwksSource>,
     penalty: Duration,
     pools: Mutex<HashMap<UserPoolId, Arc<PoolEntry>>>,
-    on_fetch: Box<dyn Fn(bool) + Send + Sync>,
+    fetch_slots: Arc<Semaphore>,
+    fetch_tickets: Arc<Semaphore>,
+    on_fetch: Arc<dyn Fn(bool) + Send + Sync>,
 }
 
 impl std::fmt::Debug for JwksCache {
@@ -113,7 +147,9 @@ impl JwksCache {
             source,
             penalty,
             pools: Mutex::default(),
-            on_fetch: Box::new(on_fetch),
+            fetch_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_FETCHES)),
+            fetch_tickets: Arc::new(Semaphore::new(MAX_PENDING_FETCHES)),
+            on_fetch: Arc::new(on_fetch),
         }
     }
 
@@ -121,42 +157,89 @@ impl JwksCache {
     /// refetch when the penalty allows it.
     pub async fn key(&self, pool: &UserPoolId, kid: &str) -> Result<DecodingKey, KeyLookupError> {
         let entry = self.entry(pool);
+        // Subscribed before the state is read, so a fetch that finishes in
+        // between is still seen.
+        let mut finished = entry.finished.subscribe();
         let seen = {
-            let state = lock(&entry.state);
+            let mut state = lock(&entry.state);
             if let Some(key) = state.keys.as_ref().and_then(|keys| keys.get(kid)) {
                 return Ok(key.clone());
             }
-            state.generation
-        };
-        let _fetching = entry.fetching.lock().await;
-        let now = Instant::now();
-        {
-            let state = lock(&entry.state);
-            let fetched_meanwhile = state.generation != seen;
-            let in_penalty = state.quiet_until.is_some_and(|until| now < until);
-            if fetched_meanwhile || in_penalty {
+            let now = Instant::now();
+            if state.quiet_until.is_some_and(|until| now < until) {
                 return self.lookup(&state, kid, now);
             }
-        }
-        let fetched = self.fetch(pool).await;
-        (self.on_fetch)(fetched.is_ok());
-        let mut state = lock(&entry.state);
-        let now = Instant::now();
-        state.generation += 1;
-        match fetched {
-            Ok(keys) => {
-                let found = keys.contains_key(kid);
-                state.keys = Some(Arc::new(keys));
-                state.last_error = None;
-                state.quiet_until = (!found).then_some(now + self.penalty);
+            if !state.fetching {
+                let Ok(ticket) = self.fetch_tickets.clone().try_acquire_owned() else {
+                    return Err(KeyLookupError::Unavailable {
+                        retry_after: Duration::from_secs(1),
+                        source: JwksError::Busy,
+                    });
+                };
+                state.fetching = true;
+                self.spawn_fetch(pool.clone(), kid.to_owned(), entry.clone(), ticket);
             }
-            Err(error) => {
+            state.generation
+        };
+        // The task always sends; a closed channel cannot happen while
+        // `entry` is held, and would only end the wait.
+        let _ = finished.wait_for(|generation| *generation != seen).await;
+        let state = lock(&entry.state);
+        self.lookup(&state, kid, Instant::now())
+    }
+
+    /// Fetches `pool`'s JWKS in a task of its own and records the outcome;
+    /// `kid` is the key it was started for.
+    fn spawn_fetch(
+        &self,
+        pool: UserPoolId,
+        kid: String,
+        entry: Arc<PoolEntry>,
+        ticket: OwnedSemaphorePermit,
+    ) {
+        let source = self.source.clone();
+        let slots = self.fetch_slots.clone();
+        let on_fetch = self.on_fetch.clone();
+        let penalty = self.penalty;
+        tokio::spawn(async move {
+            let _ticket = ticket;
+            let fetched = match slots.acquire().await {
+                Ok(_slot) => match source.fetch(&pool).await {
+                    Ok(document) => parse_jwks(&document),
+                    Err(error) => Err(error),
+                },
+                Err(_) => Err(JwksError::Unreachable("fetching has stopped".into())),
+            };
+            on_fetch(fetched.is_ok());
+            if let Err(error) = &fetched {
                 tracing::warn!(user_pool_id = pool.as_str(), %error, "JWKS fetch failed");
-                state.last_error = Some(error);
-                state.quiet_until = Some(now + self.penalty);
             }
-        }
-        self.lookup(&state, kid, now)
+            let generation = {
+                let mut state = lock(&entry.state);
+                let now = Instant::now();
+                state.generation += 1;
+                state.fetching = false;
+                match fetched {
+                    Ok(keys) => {
+                        let found = keys.contains_key(&kid);
+                        state.keys = Some(Arc::new(keys));
+                        state.last_error = None;
+                        state.quiet_until = (!found).then_some(now + penalty);
+                    }
+                    Err(error) if error.is_no_such_pool() => {
+                        state.keys = None;
+                        state.last_error = None;
+                        state.quiet_until = Some(now + penalty);
+                    }
+                    Err(error) => {
+                        state.last_error = Some(error);
+                        state.quiet_until = Some(now + penalty);
+                    }
+                }
+                state.generation
+            };
+            entry.finished.send_replace(generation);
+        });
     }
 
     /// The answer from what is known now, without fetching.
@@ -184,21 +267,43 @@ impl JwksCache {
         }
     }
 
-    async fn fetch(&self, pool: &UserPoolId) -> Result<HashMap<String, DecodingKey>, JwksError> {
-        let document = self.source.fetch(pool).await?;
-        parse_jwks(&document)
-    }
-
+    /// The pool's entry. At [`MAX_POOLS`], a pool without keys (a failed
+    /// or made-up one) makes room; when every pool has keys, the new pool
+    /// shares a throwaway entry, so it is still served, one fetch per call
+    /// at most [`MAX_CONCURRENT_FETCHES`] at once, and nothing is kept.
     fn entry(&self, pool: &UserPoolId) -> Arc<PoolEntry> {
-        lock(&self.pools)
-            .entry(pool.clone())
-            .or_insert_with(|| {
-                Arc::new(PoolEntry {
-                    state: Mutex::default(),
-                    fetching: tokio::sync::Mutex::new(()),
+        let mut pools = lock(&self.pools);
+        if let Some(entry) = pools.get(pool) {
+            return entry.clone();
+        }
+        if pools.len() >= MAX_POOLS {
+            let keyless = pools
+                .iter()
+                .find(|(_, entry)| {
+                    let state = lock(&entry.state);
+                    state.keys.is_none() && !state.fetching
                 })
-            })
+                .map(|(pool, _)| pool.clone());
+            match keyless {
+                Some(evicted) => {
+                    pools.remove(&evicted);
+                }
+                None => return Arc::new(PoolEntry::new()),
+            }
+        }
+        pools
+            .entry(pool.clone())
+            .or_insert_with(|| Arc::new(PoolEntry::new()))
             .clone()
+    }
+}
+
+impl PoolEntry {
+    fn new() -> Self {
+        Self {
+            state: Mutex::default(),
+            finished: watch::Sender::new(0),
+        }
     }
 }
 

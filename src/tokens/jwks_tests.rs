@@ -186,3 +186,137 @@ fn jwks_documents_keep_only_rs256_signing_keys() {
         assert!(parse_jwks(bad).is_err());
     }
 }
+
+/// A source that answers `status` (or the keys, for 200) after `delay`,
+/// counting fetches.
+#[derive(Debug)]
+struct SlowSource {
+    document: Vec<u8>,
+    status: u16,
+    delay: Duration,
+    fetches: AtomicUsize,
+}
+
+impl SlowSource {
+    fn new(keys: &[&MintKey], status: u16, delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            document: mint::jwks(keys),
+            status,
+            delay,
+            fetches: AtomicUsize::new(0),
+        })
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+#[tonic::async_trait]
+impl JwksSource for SlowSource {
+    async fn fetch(&self, _pool: &UserPoolId) -> Result<Vec<u8>, JwksError> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        match self.status {
+            200 => Ok(self.document.clone()),
+            status => Err(JwksError::Status(status)),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_that_give_up_mid_fetch_neither_escape_the_penalty_nor_cancel_the_fetch() {
+    let key = MintKey::generate("k1");
+    let source = SlowSource::new(&[&key], 200, Duration::from_millis(300));
+    let cache = JwksCache::new(source.clone(), PENALTY, |_| {});
+    let pool = pool("us-east-1_A");
+    cache.key(&pool, "k1").await.expect("warm");
+
+    // Each caller's deadline (as tonic enforces it: the call is dropped)
+    // ends before the fetch its made-up kid started.
+    for i in 0..20 {
+        let kid = format!("forged-{i}");
+        let lookup = cache.key(&pool, &kid);
+        let _ = tokio::time::timeout(Duration::from_millis(100), lookup).await;
+    }
+
+    assert_eq!(
+        source.fetches(),
+        2,
+        "the warm-up, then one refetch per penalty"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_longer_than_every_callers_deadline_still_warms_the_cache() {
+    let key = MintKey::generate("k1");
+    let source = SlowSource::new(&[&key], 200, Duration::from_millis(1500));
+    let cache = JwksCache::new(source.clone(), PENALTY, |_| {});
+    let pool = pool("us-east-1_A");
+
+    let mut answered = 0;
+    for _ in 0..5 {
+        let lookup = cache.key(&pool, "k1");
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), lookup).await {
+            answered += 1;
+        }
+    }
+
+    assert_eq!(source.fetches(), 1);
+    assert_eq!(
+        answered, 4,
+        "the first caller gives up; the fetch goes on for the rest"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_that_does_not_exist_is_the_tokens_fault_and_is_not_fetched_again() {
+    let source = SlowSource::new(&[], 404, Duration::ZERO);
+    let cache = JwksCache::new(source.clone(), PENALTY, |_| {});
+    let pool = pool("us-east-1_Missing");
+
+    for _ in 0..3 {
+        let lookup = cache.key(&pool, "k1").await;
+        assert!(
+            matches!(lookup, Err(KeyLookupError::UnknownKid)),
+            "{lookup:?}"
+        );
+    }
+
+    assert_eq!(source.fetches(), 1, "negatively cached for the penalty");
+}
+
+#[tokio::test(start_paused = true)]
+async fn made_up_pools_keep_the_map_bounded_and_the_fetches_few_at_once() {
+    let source = SlowSource::new(&[], 404, Duration::from_millis(50));
+    let cache = Arc::new(JwksCache::new(source.clone(), PENALTY, |_| {}));
+
+    let lookups: Vec<_> = (0..MAX_POOLS + 200)
+        .map(|i| {
+            let cache = cache.clone();
+            let pool = pool(&format!("us-east-1_P{i}"));
+            tokio::spawn(async move { cache.key(&pool, "k").await })
+        })
+        .collect();
+    let mut busy = 0;
+    for lookup in lookups {
+        if let Err(KeyLookupError::Unavailable {
+            source: JwksError::Busy,
+            ..
+        }) = lookup.await.expect("no panic")
+        {
+            busy += 1;
+        }
+    }
+
+    assert!(lock(&cache.pools).len() <= MAX_POOLS);
+    assert_eq!(
+        source.fetches() + busy,
+        MAX_POOLS + 200,
+        "each pool fetched once or refused as busy"
+    );
+    assert!(
+        busy >= MAX_POOLS + 200 - MAX_PENDING_FETCHES,
+        "{busy} refused as busy"
+    );
+}

@@ -43,7 +43,6 @@ impl Tokens {
     /// A verifier of tokens issued in `region`, keys from `source`.
     pub fn new(
         source: Arc<dyn JwksSource>,
-        region: &str,
         settings: &TokenSettings,
         metrics: TokenMetrics,
     ) -> Self {
@@ -54,7 +53,7 @@ impl Tokens {
                 .inc();
         });
         Self {
-            verifier: Verifier::new(Arc::new(cache), region, settings.leeway),
+            verifier: Verifier::new(Arc::new(cache), settings.leeway),
             metrics,
         }
     }

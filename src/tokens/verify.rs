@@ -106,7 +106,6 @@ pub struct Expectations<'a> {
 #[derive(Debug, Clone)]
 pub struct Verifier {
     jwks: Arc<JwksCache>,
-    region: String,
     leeway: Duration,
 }
 
@@ -135,14 +134,11 @@ struct Claims {
 }
 
 impl Verifier {
-    /// `region` names the issuer (`https://cognito-idp.{region}.amazonaws.com/{pool}`);
-    /// `leeway` is the clock skew allowed on `exp`.
-    pub fn new(jwks: Arc<JwksCache>, region: &str, leeway: Duration) -> Self {
-        Self {
-            jwks,
-            region: region.to_owned(),
-            leeway,
-        }
+    /// `leeway` is the clock skew allowed on `exp`. The issuer a token
+    /// must name is its pool's: `https://cognito-idp.{region}.amazonaws.com/{pool}`,
+    /// with the region taken from the pool id, as aws-jwt-verify does.
+    pub fn new(jwks: Arc<JwksCache>, leeway: Duration) -> Self {
+        Self { jwks, leeway }
     }
 
     /// Runs every check on `token` as a token of `pool`.
@@ -191,7 +187,7 @@ impl Verifier {
         use InactiveReason as R;
         let issuer = format!(
             "https://cognito-idp.{}.amazonaws.com/{}",
-            self.region,
+            pool.region(),
             pool.as_str()
         );
         if claims.iss.as_deref() != Some(issuer.as_str()) {

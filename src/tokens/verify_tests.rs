@@ -35,7 +35,7 @@ fn setup() -> Setup {
         Duration::from_secs(10),
         |_| {},
     );
-    let verifier = Verifier::new(Arc::new(cache), REGION, Duration::from_secs(5));
+    let verifier = Verifier::new(Arc::new(cache), Duration::from_secs(5));
     Setup { key, verifier }
 }
 
