@@ -399,6 +399,36 @@ rules:
     }
 
     #[test]
+    fn the_rpc_and_the_pool_must_be_granted_by_the_same_rule() {
+        let policy = yaml(
+            r#"
+rules:
+  - caller: spiffe://prod/ns/billing/sa/api
+    pools: [eu-west-1_SignOut1]
+  - caller: spiffe://prod/ns/billing/sa/api
+    pools: [eu-west-1_Verify1]
+    rpcs: [VerifyToken]
+"#,
+        )
+        .expect("valid");
+        let billing = caller("spiffe://prod/ns/billing/sa/api");
+        let (sign_out_pool, verify_pool) = (pool("eu-west-1_SignOut1"), pool("eu-west-1_Verify1"));
+        let allowed = |rpc, pool| policy.authorize(Some(&billing), rpc, pool);
+
+        assert_eq!(allowed(Rpc::GlobalSignOut, &sign_out_pool), Ok(()));
+        assert_eq!(allowed(Rpc::VerifyToken, &verify_pool), Ok(()));
+        assert_eq!(
+            allowed(Rpc::VerifyToken, &sign_out_pool),
+            Err(Denied::PoolNotAllowedForCaller),
+            "VerifyToken from one rule, the pool from the other"
+        );
+        assert_eq!(
+            allowed(Rpc::GlobalSignOut, &verify_pool),
+            Err(Denied::PoolNotAllowedForCaller)
+        );
+    }
+
+    #[test]
     fn toml_is_the_same_policy() {
         let toml = r#"
 [[rules]]

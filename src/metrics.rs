@@ -58,8 +58,11 @@ pub struct Metrics {
 /// exist before the failure.
 const INITIAL_REJECTION_REASONS: &[&str] = &["CALLER_RATE_LIMITED", "RATE_LIMITED", "OVERLOADED"];
 /// Reasons that `SignOutError::Unauthorized` (authz::Denied) maps to.
-const INITIAL_AUTHZ_DENIAL_REASONS: &[&str] =
-    &["CALLER_NOT_ALLOWED", "POOL_NOT_ALLOWED_FOR_CALLER"];
+const INITIAL_AUTHZ_DENIAL_REASONS: &[&str] = &[
+    "CALLER_NOT_ALLOWED",
+    "POOL_NOT_ALLOWED_FOR_CALLER",
+    "RPC_NOT_ALLOWED_FOR_CALLER",
+];
 /// Kinds of reloaded files (`reload::Watched::kind`).
 const RELOAD_KINDS: &[&str] = &["tls", "authz_policy"];
 const INITIAL_RELOADS: &[[&str; 2]] = &[
@@ -413,6 +416,7 @@ mod tests {
             "session_config_reload_failing{kind=\"authz_policy\"} 0",
             "session_authz_denials_total{reason=\"CALLER_NOT_ALLOWED\"} 0",
             "session_authz_denials_total{reason=\"POOL_NOT_ALLOWED_FOR_CALLER\"} 0",
+            "session_authz_denials_total{reason=\"RPC_NOT_ALLOWED_FOR_CALLER\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

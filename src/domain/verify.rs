@@ -100,13 +100,15 @@ impl TryFrom<VerifyTokenRequest> for VerifyCommand {
 
     fn try_from(request: VerifyTokenRequest) -> Result<Self, Self::Error> {
         let expected_use = match proto::TokenUse::try_from(request.token_use) {
-            Ok(proto::TokenUse::Unspecified) => ExpectedUse::Either,
+            Ok(proto::TokenUse::Either) => ExpectedUse::Either,
             Ok(proto::TokenUse::Access) => ExpectedUse::Access,
             Ok(proto::TokenUse::Id) => ExpectedUse::Id,
-            Err(_) => {
+            // Unset is refused: a verifier that checks no token_use by
+            // default is what every service had already.
+            Ok(proto::TokenUse::Unspecified) | Err(_) => {
                 return Err(InvalidField {
                     field: "token_use",
-                    description: "must be TOKEN_USE_ACCESS, TOKEN_USE_ID or unset (either)",
+                    description: "must be TOKEN_USE_ACCESS, TOKEN_USE_ID or TOKEN_USE_EITHER",
                 });
             }
         };
@@ -133,6 +135,31 @@ impl TryFrom<VerifyTokenRequest> for VerifyCommand {
     }
 }
 
+/// The request holds a bearer token: its Debug says only what was asked.
+impl std::fmt::Debug for VerifyTokenRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyTokenRequest")
+            .field(
+                "token",
+                &format_args!("<{} bytes, redacted>", self.token.len()),
+            )
+            .field("user_pool_id", &self.user_pool_id)
+            .field("token_use", &self.token_use)
+            .field("client_ids", &self.client_ids)
+            .finish()
+    }
+}
+
+/// The answer holds the token's claims: its Debug shows the verdict only.
+impl std::fmt::Debug for proto::VerifyTokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyTokenResponse")
+            .field("active", &self.active)
+            .field("inactive_reason", &self.inactive_reason)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +167,7 @@ mod tests {
     fn request(token: &str) -> VerifyTokenRequest {
         VerifyTokenRequest {
             token: token.into(),
+            token_use: proto::TokenUse::Either.into(),
             ..Default::default()
         }
     }
@@ -152,17 +180,22 @@ mod tests {
         }
         let ok = VerifyCommand::try_from(request(&"a".repeat(MAX_TOKEN_BYTES))).expect("fits");
         assert_eq!(format!("{:?}", ok.token), "BearerToken(<redacted>)");
+        let request = request("eyJhbGciOiJSUzI1NiJ9.secret.sig");
+        assert!(!format!("{request:?}").contains("secret"), "{request:?}");
         assert_eq!(ok.expected_use, ExpectedUse::Either);
     }
 
     #[test]
     fn unknown_token_uses_and_bad_client_ids_are_refused() {
-        let mut bad_use = request("x");
-        bad_use.token_use = 42;
-        assert_eq!(
-            VerifyCommand::try_from(bad_use).expect_err("use").field,
-            "token_use"
-        );
+        for token_use in [42, proto::TokenUse::Unspecified.into()] {
+            let mut bad_use = request("x");
+            bad_use.token_use = token_use;
+            assert_eq!(
+                VerifyCommand::try_from(bad_use).expect_err("use").field,
+                "token_use",
+                "{token_use}"
+            );
+        }
         let mut bad_client = request("x");
         bad_client.client_ids = vec!["has space".into()];
         assert_eq!(

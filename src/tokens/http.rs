@@ -91,3 +91,24 @@ impl JwksSource for HttpJwksSource {
             .map_err(|_| JwksError::Timeout)?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jwks_is_fetched_in_the_pools_own_region_unless_an_endpoint_is_set() {
+        let pool = UserPoolId::parse("eu-west-1_Pool1").expect("pool");
+        let regional = HttpJwksSource::new(None, Duration::from_secs(1)).expect("roots");
+        assert_eq!(
+            regional.url(&pool),
+            "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_Pool1/.well-known/jwks.json"
+        );
+        let moto = HttpJwksSource::new(Some("http://127.0.0.1:5000/"), Duration::from_secs(1))
+            .expect("roots");
+        assert_eq!(
+            moto.url(&pool),
+            "http://127.0.0.1:5000/eu-west-1_Pool1/.well-known/jwks.json"
+        );
+    }
+}

@@ -23,8 +23,9 @@ pub enum TokenUse {
     Id,
 }
 
-/// What an active token says about itself (RFC 7662's fields).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an active token says about itself (RFC 7662's fields). Its Debug
+/// shows no claim that names the user or the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ActiveToken {
     /// `sub`.
     pub sub: String,
@@ -71,6 +72,17 @@ impl InactiveReason {
             Self::WrongTokenUse => "wrong_token_use",
             Self::WrongClient => "wrong_client",
         }
+    }
+}
+
+impl std::fmt::Debug for ActiveToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveToken")
+            .field("token_use", &self.token_use)
+            .field("exp", &self.exp)
+            .field("iat", &self.iat)
+            .field("auth_time", &self.auth_time)
+            .finish_non_exhaustive()
     }
 }
 

@@ -116,7 +116,7 @@ async fn each_check_gives_its_reason() {
     let setup = setup();
     let now = now_secs();
     let other_pool = mint::access_claims(REGION, "eu-west-1_Other1", CLIENT, now);
-    let cases: Vec<(&str, Value, ExpectedUse, &[&str], R)> = vec![
+    let mut cases: Vec<(&str, Value, ExpectedUse, &[&str], R)> = vec![
         (
             "other pool's issuer",
             other_pool,
@@ -198,15 +198,40 @@ async fn each_check_gives_its_reason() {
             R::Invalid,
         ),
         (
-            "exp not a number",
+            "no sub",
             edited(claims(), |c| {
-                c.insert("exp".into(), json!("tomorrow"));
+                c.remove("sub");
             }),
             ExpectedUse::Either,
             &[],
             R::Invalid,
         ),
     ];
+    let issuer = format!("https://cognito-idp.{REGION}.amazonaws.com/{POOL}");
+    for (name, iss) in [
+        ("issuer with a trailing slash", format!("{issuer}/")),
+        ("issuer with more after it", format!("{issuer}x")),
+        ("issuer over http", issuer.replacen("https", "http", 1)),
+        (
+            "the pool's id under another region",
+            format!("https://cognito-idp.us-east-1.amazonaws.com/{POOL}"),
+        ),
+    ] {
+        let forged = edited(claims(), |c| {
+            c.insert("iss".into(), json!(iss));
+        });
+        cases.push((name, forged, ExpectedUse::Either, &[], R::Invalid));
+    }
+    let exp_not_a_number = edited(claims(), |c| {
+        c.insert("exp".into(), json!("tomorrow"));
+    });
+    cases.push((
+        "exp not a number",
+        exp_not_a_number,
+        ExpectedUse::Either,
+        &[],
+        R::Invalid,
+    ));
     for (name, claims, use_, clients, expected) in cases {
         let token = setup.key.sign(&claims);
         assert_eq!(

@@ -113,7 +113,7 @@ async fn a_real_sign_ins_access_and_id_tokens_verify_and_forgeries_do_not() {
             "another pool's token (same key, other iss)",
             &user.access_token,
             &other_pool,
-            TokenUse::Unspecified,
+            TokenUse::Either,
             &[],
             R::Invalid,
         ),
@@ -137,7 +137,7 @@ async fn a_real_sign_ins_access_and_id_tokens_verify_and_forgeries_do_not() {
             "another client",
             &user.access_token,
             pool,
-            TokenUse::Unspecified,
+            TokenUse::Either,
             &["someotherclient"],
             R::WrongClient,
         ),
@@ -145,7 +145,7 @@ async fn a_real_sign_ins_access_and_id_tokens_verify_and_forgeries_do_not() {
             "tampered payload",
             &tampered,
             pool,
-            TokenUse::Unspecified,
+            TokenUse::Either,
             &[],
             R::Invalid,
         ),
@@ -153,7 +153,7 @@ async fn a_real_sign_ins_access_and_id_tokens_verify_and_forgeries_do_not() {
             "alg none",
             &alg_none,
             pool,
-            TokenUse::Unspecified,
+            TokenUse::Either,
             &[],
             R::Invalid,
         ),
@@ -161,18 +161,11 @@ async fn a_real_sign_ins_access_and_id_tokens_verify_and_forgeries_do_not() {
             "HS256 keyed with the public key",
             &hs256,
             pool,
-            TokenUse::Unspecified,
+            TokenUse::Either,
             &[],
             R::Invalid,
         ),
-        (
-            "no kid",
-            &no_kid,
-            pool,
-            TokenUse::Unspecified,
-            &[],
-            R::Invalid,
-        ),
+        ("no kid", &no_kid, pool, TokenUse::Either, &[], R::Invalid),
     ];
     for (name, token, pool, token_use, clients, reason) in cases {
         let response = verify(&app, token, pool, token_use, clients)
@@ -185,15 +178,9 @@ async fn a_real_sign_ins_access_and_id_tokens_verify_and_forgeries_do_not() {
             "{name}"
         );
     }
-    let huge = verify(
-        &app,
-        &"a".repeat(100 * 1024),
-        pool,
-        TokenUse::Unspecified,
-        &[],
-    )
-    .await
-    .expect_err("100 KiB token");
+    let huge = verify(&app, &"a".repeat(100 * 1024), pool, TokenUse::Either, &[])
+        .await
+        .expect_err("100 KiB token");
     assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
 
     // Two pools, each fetched once: no storm from any of the above.

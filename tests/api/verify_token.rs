@@ -40,7 +40,7 @@ pub(crate) async fn verify(
         .verify_token(VerifyTokenRequest {
             token: token.into(),
             user_pool_id: pool.into(),
-            token_use: TokenUse::Unspecified.into(),
+            token_use: TokenUse::Either.into(),
             client_ids: vec![],
         })
         .await
@@ -242,7 +242,8 @@ async fn the_policy_grants_verifytoken_only_to_rules_that_name_it() {
         let mut request = tonic::Request::new(VerifyTokenRequest {
             token: token(&key),
             user_pool_id: POOL.into(),
-            ..Default::default()
+            token_use: TokenUse::Access.into(),
+            client_ids: vec![],
         });
         let xfcc = format!("By=spiffe://prod.test/ns/session/sa/api;URI={uri}");
         request
