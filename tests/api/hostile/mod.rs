@@ -139,16 +139,6 @@ impl Service {
             .cloned()
             .collect()
     }
-
-    /// Bytes of log written so far.
-    pub(crate) fn log_bytes(&self) -> usize {
-        self.log
-            .lock()
-            .expect("log")
-            .iter()
-            .map(|l| l.len() + 1)
-            .sum()
-    }
 }
 
 impl Drop for Service {
