@@ -85,6 +85,91 @@ async fn row7_resets_mid_body_are_cancelled_calls_at_info_not_server_errors() {
     assert!(!internal, "client resets were counted as server faults");
 }
 
+/// `grpc-timeout: 1n` sent as is (tonic's client would refuse it locally),
+/// and calls whose deadline passes while they wait for the rate budget:
+/// the caller's outcome (DEADLINE_EXCEEDED or RATE_LIMITED, at info), never
+/// a Cognito attempt, an UPSTREAM_TIMEOUT or an ERROR line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row7_expired_and_queued_out_deadlines_are_the_callers_outcome() {
+    const QUEUED: usize = 6;
+    let service = Service::start(
+        None,
+        &[
+            ("SESSION_RATE_LIMIT_RPS", "1"),
+            ("SESSION_RATE_LIMIT_BURST", "1"),
+        ],
+    )
+    .await;
+    let (mut send, _driver) = h2_connect(service.addr, &h2::client::Builder::new()).await;
+    let mut codes = Vec::new();
+    let mut timeouts = vec!["1n"];
+    timeouts.extend(std::iter::repeat_n("200m", QUEUED));
+    for timeout in timeouts {
+        let mut request = grpc_request(service.addr);
+        request
+            .headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static(timeout));
+        send = send.ready().await.expect("ready");
+        let (response, mut body) = send.send_request(request, false).expect("send");
+        body.send_data(grpc_message(), true).expect("body");
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("an answer")
+            .expect("a response");
+        let mut headers = response.headers().clone();
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let _ = chunk;
+        }
+        if let Ok(Some(trailers)) = body.trailers().await {
+            headers.extend(trailers);
+        }
+        let status = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        codes.push((timeout, status("grpc-status"), status("grpc-message")));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = metrics_text(service.metrics_addr).await;
+    let errors = service.log_lines(|l| l.contains("\"level\":\"ERROR\""));
+    let upstream_timeouts = service.log_lines(|l| l.contains("UPSTREAM_TIMEOUT"));
+    let cognito_timeouts = metrics
+        .lines()
+        .any(|l| l.starts_with("session_cognito_requests_total{outcome=\"Timeout\"}"));
+    let reached = service.fake.requests().len();
+    figure(
+        7,
+        &format!(
+            "grpc-timeout 1n then {QUEUED} x 200m at 1 rps, burst 1: (timeout, grpc-status, message) {codes:?}; Cognito requests {reached}; {} ERROR lines; {} UPSTREAM_TIMEOUT lines; counted as a Cognito Timeout: {cognito_timeouts}",
+            errors.len(),
+            upstream_timeouts.len()
+        ),
+    );
+    let (_, expired, _) = &codes[0];
+    assert!(
+        expired == "4" || expired == "1",
+        "1n: grpc-status {expired}, expected DEADLINE_EXCEEDED (4) or CANCELLED (1)"
+    );
+    assert!(
+        errors.is_empty(),
+        "expired deadlines were logged as errors: {:?}",
+        &errors[..errors.len().min(3)]
+    );
+    assert!(
+        upstream_timeouts.is_empty(),
+        "expired deadlines were upstream timeouts: {upstream_timeouts:?}"
+    );
+    assert!(reached <= 1, "{reached} calls reached Cognito at 1 rps");
+    assert!(
+        !cognito_timeouts,
+        "an expired call counted as a Cognito timeout"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row8_requests_that_are_not_grpc_never_reach_the_handler() {
     let service = Service::start(None, &[]).await;
