@@ -91,7 +91,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check_hard_end(cx)?;
-        if let Some(paused) = &mut this.paused {
+        // A loop, so that a new pause is polled (registering the waker)
+        // before the read returns Pending.
+        while let Some(paused) = &mut this.paused {
             ready!(paused.as_mut().poll(cx));
             this.paused = None;
             if let Some(pause) = this
@@ -100,7 +102,6 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 .and_then(|(_, b)| b.pause_at(Instant::now()))
             {
                 this.pause(pause);
-                return Poll::Pending;
             }
         }
         if !this.replay.is_empty() {
@@ -213,6 +214,40 @@ mod tests {
         guarded.read_exact(&mut more).await.expect("read");
         assert!(
             started.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// The debt can still be unpaid when a pause ends (more was owed
+    /// meanwhile): the read must wait again, and be woken when that ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_that_ends_with_debt_left_wakes_the_read_again() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut guarded = Guarded::new(server, permit(), None, Some(100));
+        let ping = [0u8, 0, 0, 6, 0, 0, 0, 0, 0];
+        client.write_all(&ping.repeat(150)).await.expect("write");
+        let mut read = vec![0; 24 + 9 * 150];
+        guarded.read_exact(&mut read).await.expect("read");
+        assert!(guarded.paused.is_some(), "over budget by 50 frames");
+        // 50 more frames owed while paused: the first pause ends in debt.
+        let (_, budget) = guarded.frames.as_mut().expect("metered");
+        assert!(budget.spend(50, Instant::now()).is_some());
+        client.write_all(&ping).await.expect("write");
+        let started = Instant::now();
+        // A task of its own, polled only when woken (the test's own task
+        // may be polled without a wake).
+        let reader = tokio::spawn(async move {
+            let mut more = [0u8; 9];
+            guarded.read_exact(&mut more).await.map(|_| ())
+        });
+        tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the read is woken after the second pause")
+            .expect("task")
+            .expect("read");
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
             "{:?}",
             started.elapsed()
         );
