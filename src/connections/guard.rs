@@ -17,7 +17,11 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::frames::{FrameBudget, FrameCounter};
+use super::frames::{FRAME_HEADER_LEN, FrameBudget, FrameCounter};
+
+/// Largest read of a metered connection (h2 reads at most this much at a
+/// time anyway).
+const METERED_READ: usize = 16 * 1024;
 
 /// The client connection preface every HTTP/2 connection starts with.
 pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -33,6 +37,8 @@ pub struct Guarded<IO> {
     frames: Option<(FrameCounter, FrameBudget)>,
     /// Reads wait for this after the connection overdrew its frame budget.
     paused: Option<Pin<Box<Sleep>>>,
+    /// A metered read lands here first, cut to what the budget affords.
+    scratch: Vec<u8>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -56,6 +62,11 @@ impl<IO> Guarded<IO> {
                 )
             }),
             paused: None,
+            scratch: if frames_per_sec.is_some() {
+                vec![0; METERED_READ]
+            } else {
+                Vec::new()
+            },
             _permit: permit,
         }
     }
@@ -110,13 +121,22 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
             this.replay = &this.replay[n..];
             return Poll::Ready(Ok(()));
         }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        if let Some((counter, budget)) = &mut this.frames {
-            let frames = counter.feed(&buf.filled()[before..]);
-            if let Some(pause) = budget.spend(frames, Instant::now()) {
-                this.pause(pause);
-            }
+        let Some((counter, budget)) = &mut this.frames else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        // Read no more than the budget affords in the smallest frames, so
+        // one read cannot hand h2 a whole buffer of them (the overdraft,
+        // not the rate, would then decide the cost). A legitimate client's
+        // budget is nearly full: reads of up to 900 bytes at the default.
+        let affordable = budget.affordable(Instant::now()) * FRAME_HEADER_LEN;
+        let limit = affordable.min(buf.remaining()).min(this.scratch.len());
+        let mut limited = ReadBuf::new(&mut this.scratch[..limit]);
+        ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
+        let read = limited.filled();
+        let frames = counter.feed(read);
+        buf.put_slice(read);
+        if let Some(pause) = budget.spend(frames, Instant::now()) {
+            this.pause(pause);
         }
         Poll::Ready(Ok(()))
     }
@@ -226,13 +246,14 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let mut guarded = Guarded::new(server, permit(), None, Some(100));
         let ping = [0u8, 0, 0, 6, 0, 0, 0, 0, 0];
-        client.write_all(&ping.repeat(150)).await.expect("write");
-        let mut read = vec![0; 24 + 9 * 150];
-        guarded.read_exact(&mut read).await.expect("read");
-        assert!(guarded.paused.is_some(), "over budget by 50 frames");
-        // 50 more frames owed while paused: the first pause ends in debt.
+        let mut preface = [0; 24];
+        guarded.read_exact(&mut preface).await.expect("preface");
+        // 150 frames against 100 banked: a pause of 0.5 s; then 50 more are
+        // owed while paused, so the first pause ends in debt.
         let (_, budget) = guarded.frames.as_mut().expect("metered");
+        let pause = budget.spend(150, Instant::now()).expect("overdrawn");
         assert!(budget.spend(50, Instant::now()).is_some());
+        guarded.pause(pause);
         client.write_all(&ping).await.expect("write");
         let started = Instant::now();
         // A task of its own, polled only when woken (the test's own task
