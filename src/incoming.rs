@@ -106,7 +106,6 @@ pub fn accept(
                     continue;
                 }
             };
-            let accepted_at = Instant::now();
             // Small unary calls: Nagle would only add latency.
             let _ = tcp.set_nodelay(true);
             let (tls, ready, limits) = (tls.clone(), ready.clone(), limits.clone());
@@ -114,7 +113,9 @@ pub fn accept(
                 let peer = tcp.peer_addr().ok();
                 match admit(tcp, tls, &limits).await {
                     Ok(stream) => {
-                        let hard_end = limits.hard_end_after.map(|after| accepted_at + after);
+                        // Counted from here, like tonic's GOAWAY age, so the
+                        // grace is not eaten by the admission's deadlines.
+                        let hard_end = limits.hard_end_after.map(|after| Instant::now() + after);
                         let conn = Guarded::new(stream, permit, hard_end, limits.frames_per_sec);
                         let _ = ready.send(Ok(conn)).await;
                     }
