@@ -19,9 +19,10 @@ use tokio::{
 
 use super::frames::{FRAME_HEADER_LEN, FrameBudget, FrameCounter};
 
-/// Largest read of a metered connection (h2 reads at most this much at a
-/// time anyway).
-const METERED_READ: usize = 16 * 1024;
+/// Largest read of a metered connection, and its scratch buffer: at the
+/// default rate the budget allows 900 bytes a read, so 4 KiB keeps the
+/// per-connection cost small while leaving room for higher rates.
+const METERED_READ: usize = 4 * 1024;
 
 /// The client connection preface every HTTP/2 connection starts with.
 pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -272,5 +273,20 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// One read cannot hand h2 a whole buffer of control frames past the
+    /// budget: it is cut to what the budget affords.
+    #[tokio::test(start_paused = true)]
+    async fn a_metered_read_is_cut_to_what_the_budget_affords() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut guarded = Guarded::new(server, permit(), None, Some(100));
+        let ping = [0u8, 0, 0, 6, 0, 0, 0, 0, 0];
+        client.write_all(&ping.repeat(400)).await.expect("write");
+        let mut preface = [0; 24];
+        guarded.read_exact(&mut preface).await.expect("preface");
+        let mut buf = vec![0; 16 * 1024];
+        let n = guarded.read(&mut buf).await.expect("read");
+        assert_eq!(n, 100 * 9, "one second's worth of 9-byte frames");
     }
 }
