@@ -53,7 +53,8 @@ pub enum SignOutError {
     #[error("too many Cognito calls in flight")]
     Overloaded,
     /// The caller's deadline left too little time for any Cognito call
-    /// (`deadline::MIN_TIME_FOR_A_CALL`); nothing was sent upstream.
+    /// (`deadline::MIN_TIME_FOR_A_CALL`), or passed while the call waited
+    /// for its permit; nothing was sent upstream, so not a server fault.
     #[error("the caller's deadline leaves no time for a Cognito call")]
     DeadlineTooShort,
     /// Cognito was called and the call failed.

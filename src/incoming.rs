@@ -3,9 +3,12 @@
 //! only). The loop takes a place in the listener's budget before it accepts,
 //! so a flood waits in the kernel's backlog instead of exhausting file
 //! descriptors. Every connection then proves itself in a task of its own:
-//! first bytes within a deadline, the TLS handshake (a slot of a bounded
-//! pool, taken only once the ClientHello is there, so silent clients cannot
-//! starve real ones), and the HTTP/2 preface within a deadline.
+//! first bytes within a deadline, the TLS handshake within its own deadline,
+//! and the HTTP/2 preface within a deadline. There is deliberately no
+//! separate pool of handshake slots: a slot is held while the peer is slow,
+//! so a pool smaller than the budget lets peers that send one byte (or a
+//! whole ClientHello) and stall starve real handshakes. The budget already
+//! bounds how many handshakes run, and the deadlines how long each lasts.
 
 use std::{
     io,
@@ -18,7 +21,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc},
+    sync::mpsc,
     time::{Instant, timeout},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -31,9 +34,8 @@ use crate::{
     tls::CurrentTlsConfig,
 };
 
-/// TLS handshakes under way at most; the rest wait for a slot (their
-/// connection already counted in the budget).
-const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Admitted connections waiting for tonic to take them.
+const READY_QUEUE: usize = 256;
 
 /// After an accept error (out of file descriptors, typically), wait this long
 /// rather than spin on the same error.
@@ -83,8 +85,7 @@ pub fn accept(
     tls: Option<Arc<CurrentTlsConfig>>,
     limits: ConnectionLimits,
 ) -> ReceiverStream<io::Result<Conn>> {
-    let (ready, incoming) = mpsc::channel(MAX_PENDING_HANDSHAKES);
-    let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let (ready, incoming) = mpsc::channel(READY_QUEUE);
     tokio::spawn(async move {
         loop {
             // Backpressure: no place in the budget, no accept.
@@ -105,20 +106,16 @@ pub fn accept(
                     continue;
                 }
             };
-            let accepted_at = Instant::now();
             // Small unary calls: Nagle would only add latency.
             let _ = tcp.set_nodelay(true);
-            let (tls, handshakes, ready, limits) = (
-                tls.clone(),
-                handshakes.clone(),
-                ready.clone(),
-                limits.clone(),
-            );
+            let (tls, ready, limits) = (tls.clone(), ready.clone(), limits.clone());
             tokio::spawn(async move {
                 let peer = tcp.peer_addr().ok();
-                match admit(tcp, tls, &handshakes, &limits).await {
+                match admit(tcp, tls, &limits).await {
                     Ok(stream) => {
-                        let hard_end = limits.hard_end_after.map(|after| accepted_at + after);
+                        // Counted from here, like tonic's GOAWAY age, so the
+                        // grace is not eaten by the admission's deadlines.
+                        let hard_end = limits.hard_end_after.map(|after| Instant::now() + after);
                         let conn = Guarded::new(stream, permit, hard_end, limits.frames_per_sec);
                         let _ = ready.send(Ok(conn)).await;
                     }
@@ -136,23 +133,17 @@ pub fn accept(
 async fn admit(
     tcp: TcpStream,
     tls: Option<Arc<CurrentTlsConfig>>,
-    handshakes: &Arc<Semaphore>,
     limits: &ConnectionLimits,
 ) -> Result<Stream, &'static str> {
     let mut stream = match tls {
         None => Stream::Plain(tcp),
         Some(tls) => {
-            // The ClientHello's first byte, without holding a handshake slot.
+            // A silent peer is cut at the first-bytes deadline.
             match timeout(limits.first_bytes_timeout, tcp.peek(&mut [0u8; 1])).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Err("closed before TLS"),
                 Err(_) => return Err("no ClientHello in time"),
             }
-            let _slot = handshakes
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| "closing")?;
             let acceptor = TlsAcceptor::from(tls.load_full());
             match timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),

@@ -111,10 +111,21 @@ fn bytes_of(status: http::StatusCode) -> bytes::Bytes {
 
 /// A request body that fails (ABORTED, see `error::request_body_timeout`)
 /// if it has not ended by its deadline.
+///
+/// A transport error on the body (the client reset the stream, or the
+/// connection ended: a hard end, a dropped peer) is never handed on: tonic
+/// reads a CANCELLED body error as the body's plain end and answers INTERNAL
+/// "missing request message", and other errors as UNKNOWN, both server
+/// faults a client could produce at will. Instead the body stays pending;
+/// hyper sees the reset (`poll_reset`) and drops the call, which the
+/// telemetry layer records as CANCELLED at info. The deadline still bounds
+/// the wait should nothing drop it.
 struct DeadlineBody {
     inner: Body,
     deadline: Pin<Box<Sleep>>,
     after: Duration,
+    /// The inner body failed; it is not polled again.
+    failed: bool,
 }
 
 impl DeadlineBody {
@@ -123,6 +134,7 @@ impl DeadlineBody {
             inner,
             deadline: Box::pin(tokio::time::sleep(after)),
             after,
+            failed: false,
         }
     }
 }
@@ -135,15 +147,19 @@ impl HttpBody for DeadlineBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
-            return Poll::Ready(frame);
+        if !self.failed {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Err(_transport))) => self.failed = true,
+                Poll::Ready(frame) => return Poll::Ready(frame),
+                Poll::Pending => {}
+            }
         }
         ready!(self.deadline.as_mut().poll(cx));
         Poll::Ready(Some(Err(crate::error::request_body_timeout(self.after))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        !self.failed && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -184,5 +200,34 @@ mod tests {
             let refused = refusal(&request(method, content_type)).map(|s| s.as_u16());
             assert_eq!(refused, Some(status), "{method} {content_type:?}");
         }
+    }
+
+    /// A body whose first frame is a transport error (a client reset).
+    struct Failing;
+
+    impl HttpBody for Failing {
+        type Data = bytes::Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+            Poll::Ready(Some(Err(tonic::Status::cancelled("stream reset"))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_body_stays_pending_until_the_deadline() {
+        use http_body_util::BodyExt;
+        let mut body = DeadlineBody::new(Body::new(Failing), Duration::from_secs(10));
+        let early = tokio::time::timeout(Duration::from_secs(9), body.frame()).await;
+        assert!(
+            early.is_err(),
+            "a transport error reached tonic: {:?}",
+            early.map(|f| f.map(|f| f.map(|_| ())))
+        );
+        let late = body.frame().await.expect("a frame").expect_err("timeout");
+        assert_eq!(late.code(), tonic::Code::Aborted);
     }
 }

@@ -41,10 +41,14 @@ pub struct ConnectionConfig {
     #[arg(long, env = "SESSION_REQUEST_BODY_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
 
-    /// HTTP/2 frames per second one connection may send (one second's worth
-    /// may come at once); past it the server reads nothing more from that
-    /// connection until the rate allows. A sign-out call is 2 to 4 frames.
-    #[arg(long, env = "SESSION_MAX_FRAMES_PER_SECOND", default_value_t = 2000, value_name = "N",
+    /// HTTP/2 control frames (SETTINGS, PING, WINDOW_UPDATE, PRIORITY,
+    /// RST_STREAM, empty DATA that ends nothing, unknown types) per second
+    /// one connection may send (one second's worth may come at once); past
+    /// it the server reads nothing more from that connection until the rate
+    /// allows. Frames carrying calls (HEADERS, DATA) are not counted; a
+    /// client sends a few control frames per connection plus keepalive PINGs
+    /// and window updates.
+    #[arg(long, env = "SESSION_MAX_FRAMES_PER_SECOND", default_value_t = 100, value_name = "N",
           value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
     pub max_frames_per_second: u32,
 }

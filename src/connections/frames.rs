@@ -1,20 +1,23 @@
-//! A per-connection budget of HTTP/2 frames. h2 answers every PING and
-//! SETTINGS and processes every WINDOW_UPDATE and PRIORITY a peer sends, so a
-//! flood of 9-byte frames costs the service far more than the attacker.
+//! A per-connection budget of HTTP/2 control frames. h2 answers every PING
+//! and SETTINGS and processes every WINDOW_UPDATE and PRIORITY a peer sends,
+//! so a flood of 9-byte frames costs the service far more than the attacker.
 //! Counting frame headers in the decrypted byte stream (the 9-byte header
-//! carries the payload length, so nothing else needs parsing) and pausing
-//! reads once a connection is over its rate bounds what one connection can
-//! make the service do, whatever the frame types. h2 0.4 offers no such
-//! knob itself, hence this small hand-written meter.
+//! carries the payload length, type and flags, so nothing else needs
+//! parsing) and pausing reads once a connection is over its rate bounds
+//! what one connection can make the service do. Frames that carry requests
+//! (HEADERS, CONTINUATION, DATA with a payload or ending a stream) are not
+//! counted: their cost is bounded by the stream and rate limits, and a busy
+//! legitimate client sends thousands a second. h2 0.4 offers no such knob
+//! itself, hence this small hand-written meter.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Length of an HTTP/2 frame header.
-const FRAME_HEADER_LEN: usize = 9;
+/// Length of an HTTP/2 frame header: also the smallest frame.
+pub(crate) const FRAME_HEADER_LEN: usize = 9;
 
-/// Counts the frames that start in a byte stream of HTTP/2 frames.
+/// Counts the control frames that start in a byte stream of HTTP/2 frames.
 #[derive(Debug, Default)]
 pub(crate) struct FrameCounter {
     /// Payload bytes of the current frame still to come.
@@ -25,7 +28,8 @@ pub(crate) struct FrameCounter {
 }
 
 impl FrameCounter {
-    /// Feeds the next bytes of the stream; returns how many frames began.
+    /// Feeds the next bytes of the stream; returns how many control frames
+    /// began.
     pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> u64 {
         let mut frames = 0;
         while !bytes.is_empty() {
@@ -40,13 +44,31 @@ impl FrameCounter {
             self.header_len += take;
             bytes = &bytes[take..];
             if self.header_len == FRAME_HEADER_LEN {
-                let [a, b, c, ..] = self.header;
+                let [a, b, c, kind, flags, ..] = self.header;
                 self.payload_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
                 self.header_len = 0;
-                frames += 1;
+                if is_control(kind, flags, self.payload_left) {
+                    frames += 1;
+                }
             }
         }
         frames
+    }
+}
+
+/// Frames that carry no request: everything but HEADERS, CONTINUATION and
+/// DATA that has a payload or ends its stream (an empty DATA frame that
+/// ends nothing is a known flood vector). Unknown types count: h2 still
+/// reads and discards them.
+fn is_control(kind: u8, flags: u8, len: usize) -> bool {
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const CONTINUATION: u8 = 9;
+    const END_STREAM: u8 = 0x1;
+    match kind {
+        HEADERS | CONTINUATION => false,
+        DATA => len == 0 && flags & END_STREAM == 0,
+        _ => true,
     }
 }
 
@@ -79,6 +101,20 @@ impl FrameBudget {
         self.pause()
     }
 
+    /// Frames the connection may read at `now`: what it can still afford,
+    /// but at least a tenth of a second's worth (so a throttled connection
+    /// is woken ten times a second, not once per frame). A read cut to that
+    /// many of the smallest frames cannot overdraw the budget by a whole
+    /// buffer of them.
+    pub(crate) fn affordable(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        let batch = (self.rate / 10.0).max(1.0);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        // at most the rate (<= 10M) and at least 1: exact in usize
+        let frames = self.tokens.max(batch).floor() as usize;
+        frames
+    }
+
     /// How long reads must still pause at `now`, if at all.
     pub(crate) fn pause_at(&mut self, now: Instant) -> Option<Duration> {
         self.refill(now);
@@ -101,12 +137,16 @@ mod tests {
     use super::*;
 
     fn frame(len: usize) -> Vec<u8> {
+        typed(6, 0, len)
+    }
+
+    fn typed(kind: u8, flags: u8, len: usize) -> Vec<u8> {
         let mut bytes = vec![
             (len >> 16) as u8,
             (len >> 8) as u8,
             len as u8,
-            6,
-            0,
+            kind,
+            flags,
             0,
             0,
             0,
@@ -124,6 +164,31 @@ mod tests {
             let total: u64 = stream.chunks(chunk).map(|c| counter.feed(c)).sum();
             assert_eq!(total, 4, "chunks of {chunk}");
         }
+    }
+
+    #[test]
+    fn only_control_frames_count() {
+        let requests: Vec<u8> = [
+            typed(1, 0x4, 40), // HEADERS
+            typed(9, 0x4, 10), // CONTINUATION
+            typed(0, 0, 20),   // DATA
+            typed(0, 0x1, 0),  // empty DATA ending the stream
+            typed(0, 0x1, 20), // DATA ending the stream
+        ]
+        .concat();
+        let control: Vec<u8> = [
+            typed(0, 0, 0),    // empty DATA that ends nothing
+            typed(2, 0, 5),    // PRIORITY
+            typed(3, 0, 4),    // RST_STREAM
+            typed(4, 0, 6),    // SETTINGS
+            typed(6, 0, 8),    // PING
+            typed(8, 0, 4),    // WINDOW_UPDATE
+            typed(0xEE, 0, 3), // unknown
+        ]
+        .concat();
+        let mut counter = FrameCounter::default();
+        assert_eq!(counter.feed(&requests.repeat(1000)), 0);
+        assert_eq!(counter.feed(&control), 7);
     }
 
     #[test]

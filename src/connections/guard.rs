@@ -17,7 +17,12 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::frames::{FrameBudget, FrameCounter};
+use super::frames::{FRAME_HEADER_LEN, FrameBudget, FrameCounter};
+
+/// Largest read of a metered connection, and its scratch buffer: at the
+/// default rate the budget allows 900 bytes a read, so 4 KiB keeps the
+/// per-connection cost small while leaving room for higher rates.
+const METERED_READ: usize = 4 * 1024;
 
 /// The client connection preface every HTTP/2 connection starts with.
 pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -33,6 +38,8 @@ pub struct Guarded<IO> {
     frames: Option<(FrameCounter, FrameBudget)>,
     /// Reads wait for this after the connection overdrew its frame budget.
     paused: Option<Pin<Box<Sleep>>>,
+    /// A metered read lands here first, cut to what the budget affords.
+    scratch: Vec<u8>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -56,6 +63,11 @@ impl<IO> Guarded<IO> {
                 )
             }),
             paused: None,
+            scratch: if frames_per_sec.is_some() {
+                vec![0; METERED_READ]
+            } else {
+                Vec::new()
+            },
             _permit: permit,
         }
     }
@@ -91,7 +103,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check_hard_end(cx)?;
-        if let Some(paused) = &mut this.paused {
+        // A loop, so that a new pause is polled (registering the waker)
+        // before the read returns Pending.
+        while let Some(paused) = &mut this.paused {
             ready!(paused.as_mut().poll(cx));
             this.paused = None;
             if let Some(pause) = this
@@ -100,7 +114,6 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 .and_then(|(_, b)| b.pause_at(Instant::now()))
             {
                 this.pause(pause);
-                return Poll::Pending;
             }
         }
         if !this.replay.is_empty() {
@@ -109,13 +122,22 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
             this.replay = &this.replay[n..];
             return Poll::Ready(Ok(()));
         }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        if let Some((counter, budget)) = &mut this.frames {
-            let frames = counter.feed(&buf.filled()[before..]);
-            if let Some(pause) = budget.spend(frames, Instant::now()) {
-                this.pause(pause);
-            }
+        let Some((counter, budget)) = &mut this.frames else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        // Read no more than the budget affords in the smallest frames, so
+        // one read cannot hand h2 a whole buffer of them (the overdraft,
+        // not the rate, would then decide the cost). A legitimate client's
+        // budget is nearly full: reads of up to 900 bytes at the default.
+        let affordable = budget.affordable(Instant::now()) * FRAME_HEADER_LEN;
+        let limit = affordable.min(buf.remaining()).min(this.scratch.len());
+        let mut limited = ReadBuf::new(&mut this.scratch[..limit]);
+        ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
+        let read = limited.filled();
+        let frames = counter.feed(read);
+        buf.put_slice(read);
+        if let Some(pause) = budget.spend(frames, Instant::now()) {
+            this.pause(pause);
         }
         Poll::Ready(Ok(()))
     }
@@ -216,5 +238,55 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// The debt can still be unpaid when a pause ends (more was owed
+    /// meanwhile): the read must wait again, and be woken when that ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_that_ends_with_debt_left_wakes_the_read_again() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut guarded = Guarded::new(server, permit(), None, Some(100));
+        let ping = [0u8, 0, 0, 6, 0, 0, 0, 0, 0];
+        let mut preface = [0; 24];
+        guarded.read_exact(&mut preface).await.expect("preface");
+        // 150 frames against 100 banked: a pause of 0.5 s; then 50 more are
+        // owed while paused, so the first pause ends in debt.
+        let (_, budget) = guarded.frames.as_mut().expect("metered");
+        let pause = budget.spend(150, Instant::now()).expect("overdrawn");
+        assert!(budget.spend(50, Instant::now()).is_some());
+        guarded.pause(pause);
+        client.write_all(&ping).await.expect("write");
+        let started = Instant::now();
+        // A task of its own, polled only when woken (the test's own task
+        // may be polled without a wake).
+        let reader = tokio::spawn(async move {
+            let mut more = [0u8; 9];
+            guarded.read_exact(&mut more).await.map(|_| ())
+        });
+        tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the read is woken after the second pause")
+            .expect("task")
+            .expect("read");
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// One read cannot hand h2 a whole buffer of control frames past the
+    /// budget: it is cut to what the budget affords.
+    #[tokio::test(start_paused = true)]
+    async fn a_metered_read_is_cut_to_what_the_budget_affords() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut guarded = Guarded::new(server, permit(), None, Some(100));
+        let ping = [0u8, 0, 0, 6, 0, 0, 0, 0, 0];
+        client.write_all(&ping.repeat(400)).await.expect("write");
+        let mut preface = [0; 24];
+        guarded.read_exact(&mut preface).await.expect("preface");
+        let mut buf = vec![0; 16 * 1024];
+        let n = guarded.read(&mut buf).await.expect("read");
+        assert_eq!(n, 100 * 9, "one second's worth of 9-byte frames");
     }
 }

@@ -49,8 +49,10 @@ impl SignOutFlow {
             let started = Instant::now();
             let remaining = deadline.saturating_duration_since(started);
             // A call that cannot finish in time is not made, nor counted.
+            // With no attempt made, the caller's time ran out in the queue:
+            // the caller's outcome, not an upstream timeout.
             if remaining.is_zero() {
-                return Err(last_error.unwrap_or_else(deadline_passed).into());
+                return Err(last_error.map_or(SignOutError::DeadlineTooShort, SignOutError::from));
             }
             let Ok(slot) = self.inner.in_flight.clone().try_acquire_owned() else {
                 return Err(last_error.map_or(SignOutError::Overloaded, SignOutError::from));
@@ -169,16 +171,6 @@ impl Drop for AuditOnDrop<'_> {
                 .inc();
         }
     }
-}
-
-fn deadline_passed() -> UpstreamError {
-    UpstreamError::new(
-        UpstreamErrorKind::Timeout,
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "deadline passed before the call",
-        ),
-    )
 }
 
 /// The client span of the Cognito call, retries included.

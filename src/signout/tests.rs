@@ -311,6 +311,55 @@ async fn a_caller_still_queued_at_its_deadline_is_rate_limited() {
     assert!(upstream.calls().is_empty());
 }
 
+/// A job that reaches its first attempt with its callers' deadline already
+/// passed (the permit came at, or after, the deadline) makes no call: the
+/// time ran out in the queue, which is the caller's (or the rate's) doing,
+/// not Cognito timing out, so it is no upstream error and no server fault.
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_deadline_passed_in_the_queue_is_not_an_upstream_timeout() {
+    let upstream = FakeUpstream::slow(MS);
+    let budget = UpstreamBudget::start(BudgetSettings {
+        rate_per_sec: 10.0,
+        burst: 1,
+        max_queue: 100,
+        max_wait: Duration::from_secs(10),
+    });
+    let flow = SignOutFlow::new(
+        upstream.clone(),
+        budget.clone(),
+        10,
+        RetrySettings {
+            max_attempts: 3,
+            initial_backoff: MS,
+        },
+        Arc::new(Metrics::new()),
+    );
+    let deadline = Instant::now() + 10 * MS;
+    let reservation = budget.reserve(Some(deadline)).expect("the burst");
+    let template = call("alice", "web", deadline);
+    let (job, _subscription) = job::Job::new(
+        (template.pool, template.username),
+        template.user_hash,
+        template.caller,
+        deadline,
+        &reservation,
+    );
+    tokio::time::sleep_until(deadline).await;
+
+    let refused = flow
+        .call_with_retries(&job)
+        .await
+        .expect_err("no time left for a call");
+
+    assert!(upstream.calls().is_empty(), "a call was made");
+    assert!(
+        !matches!(refused, SignOutError::Upstream(_)),
+        "an upstream failure: {refused:?}"
+    );
+    assert!(!refused.is_server_fault(), "{refused:?} is a server fault");
+    assert_eq!(refused.code(), tonic::Code::DeadlineExceeded);
+}
+
 // === audit ===
 
 /// Audit lines written while `test` runs, as JSON.

@@ -242,7 +242,7 @@ fn unusable_security_files_are_exit_code_64_naming_the_problem() {
 fn a_connection_budget_the_open_files_limit_cannot_hold_is_exit_code_64() {
     let under_256_fds = |args: &[&str]| {
         let template = service();
-        let mut command = Command::new("prlimit");
+        let mut command = Command::new(crate::tools::prlimit());
         command
             .env_clear()
             .envs(template.get_envs().filter_map(|(k, v)| Some((k, v?))))

@@ -47,3 +47,9 @@ pub(crate) fn prometheus() -> PathBuf {
 pub(crate) fn promtool() -> PathBuf {
     require("promtool", "PROMTOOL", None)
 }
+
+/// util-linux's `prlimit` (Essential on Debian): the hostile tests and the
+/// open-files cli test start the binary under it.
+pub(crate) fn prlimit() -> PathBuf {
+    require("prlimit", "PRLIMIT", None)
+}

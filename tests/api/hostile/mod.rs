@@ -32,7 +32,7 @@ use crate::{
 
 /// The real binary, its addresses, and every log line it wrote.
 pub(crate) struct Service {
-    child: Child,
+    child: KillOnDrop,
     pub(crate) addr: SocketAddr,
     pub(crate) metrics_addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
@@ -49,7 +49,7 @@ impl Service {
         let program = std::env::var("HOSTILE_BINARY")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-service").to_owned());
         let template = binary();
-        let mut command = std::process::Command::new("prlimit");
+        let mut command = std::process::Command::new(crate::tools::prlimit());
         command
             .env_clear()
             .envs(template.get_envs().filter_map(|(k, v)| Some((k, v?))));
@@ -58,7 +58,7 @@ impl Service {
             None => command.arg("--nofile=4096"),
         };
         command.args(["--", &program]);
-        let mut child = command
+        let child = command
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ACCESS_KEY_ID", "AKIDTESTTESTTESTTEST")
             .env("AWS_SECRET_ACCESS_KEY", "test-secret")
@@ -71,7 +71,9 @@ impl Service {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("binary starts");
-        let stdout = child.stdout.take().expect("piped");
+        // Killed even if a panic below comes before `Service` exists.
+        let mut child = KillOnDrop(child);
+        let stdout = child.0.stdout.take().expect("piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (addrs_tx, addrs) = std::sync::mpsc::channel();
         let sink = log.clone();
@@ -102,7 +104,7 @@ impl Service {
     }
 
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.0.id()
     }
 
     /// Open file descriptors now.
@@ -139,22 +141,15 @@ impl Service {
             .cloned()
             .collect()
     }
-
-    /// Bytes of log written so far.
-    pub(crate) fn log_bytes(&self) -> usize {
-        self.log
-            .lock()
-            .expect("log")
-            .iter()
-            .map(|l| l.len() + 1)
-            .sum()
-    }
 }
 
-impl Drop for Service {
+/// The binary's process, killed and reaped when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -112,12 +112,33 @@ async fn row5_every_connection_ends_however_the_peer_behaves() {
     body.send_data(grpc_message(), true).expect("body");
     let zero_window = lifetime(started, driver, limit).await;
 
+    // The calls the hard end cut are the peers' doing: CANCELLED at info.
+    let settled = async {
+        while service
+            .log_lines(|l| l.contains("\"target\":\"access\""))
+            .len()
+            < 2
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), settled).await;
+    let access = service.log_lines(|l| l.contains("\"target\":\"access\""));
+    let errors = service.log_lines(|l| l.contains("\"level\":\"ERROR\""));
+    let metrics = crate::helpers::metrics_text(service.metrics_addr).await;
+    let faults = metrics.contains("code=\"UNKNOWN\"") || metrics.contains("code=\"INTERNAL\"");
     figure(
         5,
         &format!(
-            "with age 1 s, grace 1 s, first bytes 1 s: no preface closed after {no_preface:.1?}; endless request body closed after {endless_body:.1?}; zero window closed after {zero_window:.1?} (None: still open at {limit:?})"
+            "with age 1 s, grace 1 s, first bytes 1 s: no preface closed after {no_preface:.1?}; endless request body closed after {endless_body:.1?}; zero window closed after {zero_window:.1?} (None: still open at {limit:?}); access lines {access:?}; {} ERROR lines; UNKNOWN/INTERNAL counted: {faults}",
+            errors.len()
         ),
     );
+    assert!(
+        errors.is_empty(),
+        "the hard end was logged as a server error: {errors:?}"
+    );
+    assert!(!faults, "the hard end was counted as a server fault");
     assert!(
         no_preface.is_some(),
         "a connection without a preface stayed open"

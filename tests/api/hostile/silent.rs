@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use super::{Service, call_on, canary, figure, idle_connections};
@@ -18,8 +18,32 @@ use crate::{
     pki::{ServerFiles, TestCa},
 };
 
+/// What each of row 1's attackers sends before it stalls.
+#[derive(Debug, Clone, Copy)]
+enum Opening {
+    Nothing,
+    /// The first byte of a TLS record (a handshake record's content type).
+    OneByte,
+    /// A whole, real ClientHello.
+    ClientHello,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row1_silent_connections_to_the_tls_port_do_not_hold_up_real_handshakes() {
+    row1(Opening::Nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row1_connections_that_send_one_byte_and_stall_do_not_hold_up_real_handshakes() {
+    row1(Opening::OneByte).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row1_connections_that_send_a_client_hello_and_stall_do_not_hold_up_real_handshakes() {
+    row1(Opening::ClientHello).await;
+}
+
+async fn row1(opening: Opening) {
     let ca = TestCa::new("test CA");
     let files = ServerFiles::write(&scratch_dir("hostile-tls"), &ca.server("server"), &ca);
     let (cert, key) = (
@@ -31,7 +55,12 @@ async fn row1_silent_connections_to_the_tls_port_do_not_hold_up_real_handshakes(
         &[("SESSION_TLS_CERT", &cert), ("SESSION_TLS_KEY", &key)],
     )
     .await;
-    // 300 clients that connect and never send a ClientHello, reconnecting
+    let hello: &'static [u8] = match opening {
+        Opening::Nothing => &[],
+        Opening::OneByte => &[0x16],
+        Opening::ClientHello => client_hello().leak(),
+    };
+    // 300 clients that connect, send `opening` and then nothing, reconnecting
     // whenever the server closes on them.
     let stop = Arc::new(AtomicBool::new(false));
     let addr = service.addr;
@@ -41,7 +70,10 @@ async fn row1_silent_connections_to_the_tls_port_do_not_hold_up_real_handshakes(
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await {
-                        let _ = tcp.read(&mut [0u8; 1]).await;
+                        let _ = tcp.write_all(hello).await;
+                        // Whatever the server answers (a ServerHello, an
+                        // alert), read on until it closes.
+                        while matches!(tcp.read(&mut [0u8; 4096]).await, Ok(n) if n > 0) {}
                     }
                 }
             })
@@ -65,7 +97,7 @@ async fn row1_silent_connections_to_the_tls_port_do_not_hold_up_real_handshakes(
     figure(
         1,
         &format!(
-            "{ok} of 12 new TLS calls succeeded during the attack ({failures:?}); service RSS {:.1} MiB, {} fds",
+            "attackers sending {opening:?}: {ok} of 12 new TLS calls succeeded during the attack ({failures:?}); service RSS {:.1} MiB, {} fds",
             service.rss_mib(),
             service.fds()
         ),
@@ -76,8 +108,29 @@ async fn row1_silent_connections_to_the_tls_port_do_not_hold_up_real_handshakes(
     }
     assert_eq!(
         ok, 12,
-        "TLS calls failed while silent clients were connected: {failures:?}"
+        "TLS calls failed while clients sending {opening:?} stalled: {failures:?}"
     );
+}
+
+/// The bytes a real TLS client opens with.
+fn client_hello() -> Vec<u8> {
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).expect("ClientHello");
+    assert!(
+        hello.len() > 100,
+        "a whole ClientHello: {} bytes",
+        hello.len()
+    );
+    hello
 }
 
 /// One sign-out over a new TLS connection.
