@@ -23,9 +23,8 @@ pub(crate) const POOL: &str = "us-east-1_BenchPool1";
 /// even at 1,000 calls in flight, as a real client fleet would be.
 const CONNECTIONS: usize = 16;
 
-/// Calls `GlobalSignOut` on `addr` (the service or the floor), spreading
-/// calls over [`CONNECTIONS`] connections; usernames are distinct per call.
-pub(crate) async fn grpc(addr: SocketAddr) -> Call {
+/// [`CONNECTIONS`] clients of `addr`, each on its own HTTP/2 connection.
+pub(crate) async fn connect_clients(addr: SocketAddr) -> Arc<Vec<SessionServiceClient<Channel>>> {
     let mut clients = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
         let channel: Channel = Endpoint::from_shared(format!("http://{addr}"))
@@ -36,7 +35,13 @@ pub(crate) async fn grpc(addr: SocketAddr) -> Call {
             .expect("connect");
         clients.push(SessionServiceClient::new(channel));
     }
-    let clients = Arc::new(clients);
+    Arc::new(clients)
+}
+
+/// Calls `GlobalSignOut` on `addr` (the service or the floor), spreading
+/// calls over [`CONNECTIONS`] connections; usernames are distinct per call.
+pub(crate) async fn grpc(addr: SocketAddr) -> Call {
+    let clients = connect_clients(addr).await;
     Arc::new(move |n| {
         let mut client = clients[n as usize % clients.len()].clone();
         Box::pin(async move {

@@ -18,15 +18,11 @@ use hyper::{Response, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use session_service::{
-    proto::{
-        TokenUse, VerifyTokenRequest, VerifyTokenResponse,
-        session_service_client::SessionServiceClient,
-    },
+    proto::{TokenUse, VerifyTokenRequest, VerifyTokenResponse},
     telemetry::code_name,
     tokens::mint::{self, MintKey},
 };
 use tokio::net::TcpListener;
-use tonic::transport::Endpoint;
 
 use crate::{
     children::{spawn_role, spawn_service},
@@ -77,17 +73,7 @@ async fn jwks_server(document: Vec<u8>) -> (SocketAddr, Arc<AtomicU64>) {
 
 /// Calls VerifyToken with `token`; "OK" only for an active verdict.
 async fn verify_call(addr: SocketAddr, token: String) -> Call {
-    let mut clients = Vec::new();
-    for _ in 0..16 {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .expect("connect");
-        clients.push(SessionServiceClient::new(channel));
-    }
-    let clients = Arc::new(clients);
+    let clients = crate::clients::connect_clients(addr).await;
     Arc::new(move |n| {
         let mut client = clients[n as usize % clients.len()].clone();
         let request = VerifyTokenRequest {

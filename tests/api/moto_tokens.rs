@@ -3,32 +3,14 @@
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
-use session_service::proto::{InactiveReason, TokenUse, VerifyTokenRequest, VerifyTokenResponse};
-use tonic::{Code, Status};
+use session_service::proto::{InactiveReason, TokenUse};
+use tonic::Code;
 
 use crate::{
     helpers::{TestApp, metrics_text, test_config},
     moto::{Moto, seed_signed_in_user},
+    verify_token::verify_as as verify,
 };
-
-async fn verify(
-    app: &TestApp,
-    token: &str,
-    pool: &str,
-    token_use: TokenUse,
-    clients: &[&str],
-) -> Result<VerifyTokenResponse, Status> {
-    app.client
-        .clone()
-        .verify_token(VerifyTokenRequest {
-            token: token.into(),
-            user_pool_id: pool.into(),
-            token_use: token_use.into(),
-            client_ids: clients.iter().map(|c| (*c).to_owned()).collect(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
 
 fn part(token: &str, index: usize) -> Value {
     let part = token.split('.').nth(index).expect("part");

@@ -35,13 +35,24 @@ pub(crate) async fn verify(
     token: &str,
     pool: &str,
 ) -> Result<VerifyTokenResponse, Status> {
+    verify_as(app, token, pool, TokenUse::Either, &[]).await
+}
+
+/// VerifyToken asking for `token_use` and accepting `clients`.
+pub(crate) async fn verify_as(
+    app: &TestApp,
+    token: &str,
+    pool: &str,
+    token_use: TokenUse,
+    clients: &[&str],
+) -> Result<VerifyTokenResponse, Status> {
     app.client
         .clone()
         .verify_token(VerifyTokenRequest {
             token: token.into(),
             user_pool_id: pool.into(),
-            token_use: TokenUse::Either.into(),
-            client_ids: vec![],
+            token_use: token_use.into(),
+            client_ids: clients.iter().map(|c| (*c).to_owned()).collect(),
         })
         .await
         .map(tonic::Response::into_inner)
