@@ -79,14 +79,24 @@ impl UserPoolId {
         rule.check(value.into()).map(Self)
     }
 
-    /// The id as Cognito expects it.
-    /// The region the pool lives in: the part before its id. Its tokens'
-    /// issuer and its keys are in that region, whatever the service's own.
-    pub fn region(&self) -> &str {
+    /// The region the pool lives in, when the part before its id has an
+    /// AWS region's shape (`us-east-1`, `us-gov-west-1`): its tokens' issuer
+    /// and its keys are in that region, whatever the service's own. Checked
+    /// because it becomes a host name (`cognito-idp.{region}.amazonaws.com`).
+    pub fn aws_region(&self) -> Option<&str> {
         // The id after the last '_' has no '_' of its own (see `parse`).
-        self.0.rsplit_once('_').map_or("", |(region, _)| region)
+        let (region, _) = self.0.rsplit_once('_')?;
+        let parts: Vec<&str> = region.split('-').collect();
+        let lower = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase());
+        let shaped = (3..=4).contains(&parts.len())
+            && parts[0].len() == 2
+            && parts[..parts.len() - 1].iter().all(lower)
+            && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
+            && !parts[parts.len() - 1].is_empty();
+        shaped.then_some(region)
     }
 
+    /// The id as Cognito expects it.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -50,16 +50,16 @@ impl HttpJwksSource {
         })
     }
 
-    /// The JWKS URL of `pool`.
-    pub fn url(&self, pool: &UserPoolId) -> String {
-        match &self.endpoint {
+    /// The JWKS URL of `pool`; none for a pool id that names no AWS region.
+    pub fn url(&self, pool: &UserPoolId) -> Option<String> {
+        let region = pool.aws_region()?;
+        Some(match &self.endpoint {
             Some(endpoint) => format!("{endpoint}/{}/.well-known/jwks.json", pool.as_str()),
             None => format!(
-                "https://cognito-idp.{}.amazonaws.com/{}/.well-known/jwks.json",
-                pool.region(),
+                "https://cognito-idp.{region}.amazonaws.com/{}/.well-known/jwks.json",
                 pool.as_str()
             ),
-        }
+        })
     }
 
     async fn get(&self, url: &str) -> Result<Vec<u8>, JwksError> {
@@ -85,7 +85,9 @@ impl HttpJwksSource {
 #[tonic::async_trait]
 impl JwksSource for HttpJwksSource {
     async fn fetch(&self, pool: &UserPoolId) -> Result<Vec<u8>, JwksError> {
-        let url = self.url(pool);
+        let url = self
+            .url(pool)
+            .ok_or_else(|| JwksError::Unreachable("the pool id names no AWS region".into()))?;
         tokio::time::timeout(self.timeout, self.get(&url))
             .await
             .map_err(|_| JwksError::Timeout)?
@@ -101,14 +103,22 @@ mod tests {
         let pool = UserPoolId::parse("eu-west-1_Pool1").expect("pool");
         let regional = HttpJwksSource::new(None, Duration::from_secs(1)).expect("roots");
         assert_eq!(
-            regional.url(&pool),
-            "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_Pool1/.well-known/jwks.json"
+            regional.url(&pool).as_deref(),
+            Some(
+                "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_Pool1/.well-known/jwks.json"
+            )
         );
+        for not_a_region in ["s3_X1", "s3-us-west-2_X1", "US-EAST-1_X1", "us-east_X1"] {
+            let pool = UserPoolId::parse(not_a_region).expect("valid shape");
+            assert_eq!(regional.url(&pool), None, "{not_a_region}");
+        }
+        let gov = UserPoolId::parse("us-gov-west-1_X1").expect("pool");
+        assert!(regional.url(&gov).is_some());
         let moto = HttpJwksSource::new(Some("http://127.0.0.1:5000/"), Duration::from_secs(1))
             .expect("roots");
         assert_eq!(
-            moto.url(&pool),
-            "http://127.0.0.1:5000/eu-west-1_Pool1/.well-known/jwks.json"
+            moto.url(&pool).as_deref(),
+            Some("http://127.0.0.1:5000/eu-west-1_Pool1/.well-known/jwks.json")
         );
     }
 }

@@ -64,18 +64,10 @@ pub enum JwksError {
     Busy,
 }
 
-impl JwksError {
-    /// Cognito answers 400 or 404 for a pool that does not exist: no token
-    /// can be from it, so that is the token's fault, not an outage.
-    fn is_no_such_pool(&self) -> bool {
-        matches!(self, Self::Status(400 | 404))
-    }
-}
-
 /// Why no key was found.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyLookupError {
-    /// The pool's current JWKS has no such `kid`, or there is no such pool.
+    /// The pool's current JWKS has no such `kid`.
     #[error("no key with this kid in the pool's JWKS")]
     UnknownKid,
     /// The JWKS could not be had (and the key is not cached).
@@ -181,9 +173,10 @@ impl JwksCache {
             }
             state.generation
         };
-        // The task always sends; a closed channel cannot happen while
-        // `entry` is held, and would only end the wait.
-        let _ = finished.wait_for(|generation| *generation != seen).await;
+        // The task always sends, even if it panics or is cancelled (see
+        // `FetchRecord`); a closed channel cannot happen while `entry` is
+        // held, and would only end the wait.
+        let _ = finished.wait_for(|generation| *generation > seen).await;
         let state = lock(&entry.state);
         self.lookup(&state, kid, Instant::now())
     }
@@ -203,6 +196,12 @@ impl JwksCache {
         let penalty = self.penalty;
         tokio::spawn(async move {
             let _ticket = ticket;
+            let mut record = FetchRecord {
+                entry,
+                kid,
+                penalty,
+                recorded: false,
+            };
             let fetched = match slots.acquire().await {
                 Ok(_slot) => match source.fetch(&pool).await {
                     Ok(document) => parse_jwks(&document),
@@ -214,31 +213,7 @@ impl JwksCache {
             if let Err(error) = &fetched {
                 tracing::warn!(user_pool_id = pool.as_str(), %error, "JWKS fetch failed");
             }
-            let generation = {
-                let mut state = lock(&entry.state);
-                let now = Instant::now();
-                state.generation += 1;
-                state.fetching = false;
-                match fetched {
-                    Ok(keys) => {
-                        let found = keys.contains_key(&kid);
-                        state.keys = Some(Arc::new(keys));
-                        state.last_error = None;
-                        state.quiet_until = (!found).then_some(now + penalty);
-                    }
-                    Err(error) if error.is_no_such_pool() => {
-                        state.keys = None;
-                        state.last_error = None;
-                        state.quiet_until = Some(now + penalty);
-                    }
-                    Err(error) => {
-                        state.last_error = Some(error);
-                        state.quiet_until = Some(now + penalty);
-                    }
-                }
-                state.generation
-            };
-            entry.finished.send_replace(generation);
+            record.record(fetched);
         });
     }
 
@@ -295,6 +270,54 @@ impl JwksCache {
             .entry(pool.clone())
             .or_insert_with(|| Arc::new(PoolEntry::new()))
             .clone()
+    }
+}
+
+/// Writes a fetch's outcome into its pool's state and wakes the waiters,
+/// once: when the task ends without an answer (a panic, a runtime shutting
+/// down), as a failure, so no pool is left marked as fetching for ever.
+struct FetchRecord {
+    entry: Arc<PoolEntry>,
+    /// The `kid` the fetch was started for.
+    kid: String,
+    penalty: Duration,
+    recorded: bool,
+}
+
+impl FetchRecord {
+    fn record(&mut self, fetched: Result<HashMap<String, DecodingKey>, JwksError>) {
+        self.recorded = true;
+        let mut state = lock(&self.entry.state);
+        let now = Instant::now();
+        state.generation += 1;
+        state.fetching = false;
+        match fetched {
+            Ok(keys) => {
+                let found = keys.contains_key(&self.kid);
+                state.keys = Some(Arc::new(keys));
+                state.last_error = None;
+                state.quiet_until = (!found).then_some(now + self.penalty);
+            }
+            // Keys already cached stay: a failed refetch (one a made-up kid
+            // can cause) must not take a warm pool's keys away.
+            Err(error) => {
+                state.last_error = Some(error);
+                state.quiet_until = Some(now + self.penalty);
+            }
+        }
+        // Sent under the lock: a caller that reads the state after it sees
+        // the new generation too, and generations only grow.
+        self.entry.finished.send_replace(state.generation);
+    }
+}
+
+impl Drop for FetchRecord {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(Err(JwksError::Unreachable(
+                "the fetch ended before its answer".into(),
+            )));
+        }
     }
 }
 

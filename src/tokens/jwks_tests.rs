@@ -191,19 +191,23 @@ fn jwks_documents_keep_only_rs256_signing_keys() {
 /// counting fetches.
 #[derive(Debug)]
 struct SlowSource {
-    document: Vec<u8>,
-    status: u16,
+    document: Mutex<Vec<u8>>,
+    status: AtomicUsize,
     delay: Duration,
     fetches: AtomicUsize,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 impl SlowSource {
     fn new(keys: &[&MintKey], status: u16, delay: Duration) -> Arc<Self> {
         Arc::new(Self {
-            document: mint::jwks(keys),
-            status,
+            document: Mutex::new(mint::jwks(keys)),
+            status: AtomicUsize::new(status.into()),
             delay,
             fetches: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
         })
     }
 
@@ -216,10 +220,14 @@ impl SlowSource {
 impl JwksSource for SlowSource {
     async fn fetch(&self, _pool: &UserPoolId) -> Result<Vec<u8>, JwksError> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
-        match self.status {
-            200 => Ok(self.document.clone()),
-            status => Err(JwksError::Status(status)),
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match self.status.load(Ordering::SeqCst) {
+            200 => Ok(lock(&self.document).clone()),
+            999 => panic!("a fetch that panics"),
+            status => Err(JwksError::Status(u16::try_from(status).unwrap_or(500))),
         }
     }
 }
@@ -270,20 +278,51 @@ async fn a_fetch_longer_than_every_callers_deadline_still_warms_the_cache() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_pool_that_does_not_exist_is_the_tokens_fault_and_is_not_fetched_again() {
-    let source = SlowSource::new(&[], 404, Duration::ZERO);
+async fn a_warm_pool_keeps_its_keys_when_a_refetch_fails_and_a_cold_one_is_unavailable() {
+    let key = MintKey::generate("k1");
+    let source = SlowSource::new(&[&key], 200, Duration::ZERO);
     let cache = JwksCache::new(source.clone(), PENALTY, |_| {});
-    let pool = pool("us-east-1_Missing");
+    let (warm, cold) = (pool("us-east-1_Warm"), pool("us-east-1_Cold"));
+    cache.key(&warm, "k1").await.expect("warm");
 
-    for _ in 0..3 {
-        let lookup = cache.key(&pool, "k1").await;
-        assert!(
-            matches!(lookup, Err(KeyLookupError::UnknownKid)),
-            "{lookup:?}"
-        );
-    }
+    source.status.store(404, Ordering::SeqCst);
+    let forged = cache.key(&warm, "made-up").await;
+    let honest = cache.key(&warm, "k1").await;
+    let cold_lookup = cache.key(&cold, "k1").await;
 
-    assert_eq!(source.fetches(), 1, "negatively cached for the penalty");
+    assert!(
+        matches!(forged, Err(KeyLookupError::Unavailable { .. })),
+        "{forged:?}"
+    );
+    assert!(
+        honest.is_ok(),
+        "a 404 on a refetch took the warm keys: {honest:?}"
+    );
+    assert!(
+        matches!(cold_lookup, Err(KeyLookupError::Unavailable { .. })),
+        "{cold_lookup:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_that_panics_still_wakes_its_waiters_and_frees_the_pool() {
+    let key = MintKey::generate("k1");
+    let source = SlowSource::new(&[&key], 999, Duration::from_millis(10));
+    let cache = JwksCache::new(source.clone(), Duration::from_secs(1), |_| {});
+    let pool = pool("us-east-1_A");
+
+    let first = tokio::time::timeout(Duration::from_secs(5), cache.key(&pool, "k1")).await;
+    assert!(
+        matches!(first, Ok(Err(KeyLookupError::Unavailable { .. }))),
+        "the waiter must be answered, not left waiting: {first:?}"
+    );
+    source.status.store(200, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = tokio::time::timeout(Duration::from_secs(5), cache.key(&pool, "k1")).await;
+    assert!(
+        matches!(later, Ok(Ok(_))),
+        "the pool fetches again after the penalty: {later:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -318,5 +357,10 @@ async fn made_up_pools_keep_the_map_bounded_and_the_fetches_few_at_once() {
     assert!(
         busy >= MAX_POOLS + 200 - MAX_PENDING_FETCHES,
         "{busy} refused as busy"
+    );
+    assert!(
+        source.peak.load(Ordering::SeqCst) <= MAX_CONCURRENT_FETCHES,
+        "{} fetches at once",
+        source.peak.load(Ordering::SeqCst)
     );
 }

@@ -164,6 +164,10 @@ impl Verifier {
         let Some(kid) = rs256_kid(token) else {
             return Ok(Verdict::Inactive(InactiveReason::Invalid));
         };
+        // No Cognito pool lives outside an AWS region: nothing to fetch.
+        let Some(region) = pool.aws_region() else {
+            return Ok(Verdict::Inactive(InactiveReason::Invalid));
+        };
         let key = match self.jwks.key(pool, &kid).await {
             Ok(key) => key,
             Err(KeyLookupError::UnknownKid) => {
@@ -186,20 +190,20 @@ impl Verifier {
             Ok(data) => data.claims,
             Err(_) => return Ok(Verdict::Inactive(InactiveReason::Invalid)),
         };
-        Ok(self.check_claims(claims, pool, expect, now_secs()))
+        Ok(self.check_claims(claims, region, pool, expect, now_secs()))
     }
 
     fn check_claims(
         &self,
         claims: Claims,
+        region: &str,
         pool: &UserPoolId,
         expect: &Expectations<'_>,
         now: i64,
     ) -> Verdict {
         use InactiveReason as R;
         let issuer = format!(
-            "https://cognito-idp.{}.amazonaws.com/{}",
-            pool.region(),
+            "https://cognito-idp.{region}.amazonaws.com/{}",
             pool.as_str()
         );
         if claims.iss.as_deref() != Some(issuer.as_str()) {
