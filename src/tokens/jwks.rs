@@ -149,8 +149,6 @@ impl JwksCache {
     /// refetch when the penalty allows it.
     pub async fn key(&self, pool: &UserPoolId, kid: &str) -> Result<DecodingKey, KeyLookupError> {
         let entry = self.entry(pool);
-        // Subscribed before the state is read, so a fetch that finishes in
-        // between is still seen.
         let mut finished = entry.finished.subscribe();
         let seen = {
             let mut state = lock(&entry.state);
@@ -173,9 +171,9 @@ impl JwksCache {
             }
             state.generation
         };
-        // The task always sends, even if it panics or is cancelled (see
-        // `FetchRecord`); a closed channel cannot happen while `entry` is
-        // held, and would only end the wait.
+        // `seen` was read under the lock the outcome is sent under, so the
+        // fetch this call waits for sends a greater generation. It always
+        // sends, even if its task panics or is cancelled (`FetchRecord`).
         let _ = finished.wait_for(|generation| *generation > seen).await;
         let state = lock(&entry.state);
         self.lookup(&state, kid, Instant::now())
