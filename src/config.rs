@@ -2,6 +2,7 @@
 //! variable; `--help` lists both. Values are validated here, once, at start.
 
 mod connections;
+mod redis;
 mod security;
 mod tokens;
 
@@ -9,6 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
 pub use connections::ConnectionConfig;
+pub use redis::RedisConfig;
 pub use security::SecurityConfig;
 pub use tokens::TokenConfig;
 
@@ -45,6 +47,10 @@ pub struct Config {
     /// VerifyToken: leeway and JWKS fetching.
     #[command(flatten)]
     pub tokens: TokenConfig,
+
+    /// The fleet's shared budget in Redis, and its local fallback.
+    #[command(flatten)]
+    pub redis: RedisConfig,
 
     /// User pool used when a request leaves user_pool_id empty. Without it,
     /// such requests fail with INVALID_ARGUMENT.
@@ -90,9 +96,10 @@ pub struct Config {
     #[arg(long, env = "SESSION_UPSTREAM_INITIAL_BACKOFF", default_value = "200ms", value_name = "DURATION", value_parser = parse_duration)]
     pub upstream_initial_backoff: Duration,
 
-    /// Calls per second this process sends to Cognito. AdminUserGlobalSignOut
-    /// shares 25/s per AWS account and Region with other user-update calls:
-    /// with several replicas, set it to (account budget ÷ replicas).
+    /// Calls per second to Cognito: this process's, or with --redis-url the
+    /// whole fleet's. AdminUserGlobalSignOut shares 25/s per AWS account and
+    /// Region with other user-update calls: without Redis and with several
+    /// replicas, set it to (account budget ÷ replicas).
     #[arg(long, env = "SESSION_RATE_LIMIT_RPS", default_value_t = 20.0, value_parser = parse_rate)]
     pub rate_limit_rps: f64,
 

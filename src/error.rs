@@ -11,7 +11,7 @@ use crate::{
     authz::Denied,
     domain::InvalidField,
     identity::IdentityError,
-    limiter::{CallerRateLimited, RateLimitCause, RateLimited},
+    limiter::{CallerRateLimited, RateLimitCause, RateLimited, Refusal},
     tokens::KeysUnavailable,
 };
 
@@ -409,6 +409,15 @@ fn status_parts(error: &SignOutError) -> (StatusRow, ErrorDetails, HashMap<Strin
         }
     };
     (row, details, metadata)
+}
+
+impl From<Refusal> for SignOutError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Caller(limited) => limited.into(),
+            Refusal::Budget(limited) => limited.into(),
+        }
+    }
 }
 
 impl From<SignOutError> for Status {

@@ -27,6 +27,7 @@ pub mod incoming;
 pub mod limiter;
 pub mod metrics;
 pub mod pools;
+pub mod redis;
 pub mod reload;
 pub mod request_guard;
 pub mod service;

@@ -16,7 +16,6 @@ use crate::{
     domain::{InvalidField, SignOutRequest},
     error::{ErrorChain, SignOutError},
     identity::{self, CallerId, IdentitySource, PeerInfo},
-    limiter::CallerLimits,
     metrics::Metrics,
     pools::PoolPolicy,
     proto::{
@@ -63,7 +62,6 @@ struct Caller {
 pub struct SessionApi {
     flow: SignOutFlow,
     pools: PoolPolicy,
-    callers: Arc<CallerLimits>,
     caller_policy: CallerPolicy,
     upstream_timeout: Duration,
     users: UserLogging,
@@ -78,7 +76,6 @@ impl SessionApi {
     pub fn new(
         flow: SignOutFlow,
         pools: PoolPolicy,
-        callers: CallerLimits,
         caller_policy: CallerPolicy,
         upstream_timeout: Duration,
         users: UserLogging,
@@ -88,7 +85,6 @@ impl SessionApi {
         Self {
             flow,
             pools,
-            callers: Arc::new(callers),
             caller_policy,
             upstream_timeout,
             users,
@@ -124,7 +120,6 @@ impl SessionApi {
         let user_hash = self.users.hasher.hash(&request.username);
         let username = self.users.log_usernames.then(|| request.username.expose());
         note.target(pool.as_str(), user_hash.clone(), username);
-        self.callers.check(&caller, verified.is_some(), received)?;
         let time_allowed =
             deadline::time_allowed(self.upstream_timeout, deadline::caller_timeout(metadata));
         if time_allowed < deadline::MIN_TIME_FOR_A_CALL {

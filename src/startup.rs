@@ -27,10 +27,14 @@ use crate::{
     config::Config,
     connections::{self, ConnectionLimits},
     incoming,
-    limiter::{CallerLimits, UpstreamBudget},
+    limiter::{
+        Budget, BudgetSettings, LocalBudget, SharedBudget, SharedSettings, budget_script,
+        mode_gauge,
+    },
     metrics::Metrics,
     pools::PoolPolicy,
     proto::{self, session_service_server::SessionServiceServer},
+    redis::{Redis, RedisSettings},
     reload::{self, Watched},
     request_guard::RequestGuardLayer,
     service::{CallerPolicy, SessionApi, UserLogging},
@@ -62,6 +66,8 @@ pub struct Checked {
     pub policy: Option<Loaded<PathBuf, Policy>>,
     /// Connections the gRPC port may hold at once.
     pub max_connections: u64,
+    /// Where the fleet's budget lives, if it is shared.
+    pub redis: Option<RedisSettings>,
 }
 
 /// Checks what can be checked without serving: flags that are only wrong
@@ -79,12 +85,20 @@ pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, Startup
     if policy.is_some() && !verifies_callers {
         return Err(StartupError::PolicyWithoutIdentity);
     }
+    let redis = config
+        .redis
+        .settings()
+        .map_err(StartupError::RedisPasswordFile)?;
+    if let Some(settings) = &redis {
+        crate::redis::check(settings)?;
+    }
     Ok(Checked {
         pools,
         hasher: user_hasher(config)?,
         tls,
         policy,
         max_connections,
+        redis,
     })
 }
 
@@ -98,12 +112,65 @@ fn connection_budget(config: &Config) -> Result<u64, StartupError> {
     } else {
         1
     };
-    let others = config.connections.metrics_max_connections * side_listeners + config.max_in_flight;
+    // Redis: one connection, and a second while it reconnects.
+    let redis = if config.redis.redis_url.is_some() {
+        2
+    } else {
+        0
+    };
+    let others =
+        config.connections.metrics_max_connections * side_listeners + config.max_in_flight + redis;
     Ok(connections::grpc_budget(
         limit,
         config.connections.max_connections,
         others,
     )?)
+}
+
+/// The Cognito budget: this process's own, or with Redis the fleet's, with
+/// a local fallback at the fallback rate.
+fn budget(
+    config: &Config,
+    redis: Option<&RedisSettings>,
+    metrics: &Metrics,
+) -> Result<Budget, StartupError> {
+    let fleet = config.budget();
+    let Some(redis) = redis else {
+        let mode = mode_gauge(metrics.registry());
+        mode.with_label_values(&["local"]).set(1);
+        mode.with_label_values(&["shared"]).set(0);
+        return Ok(Budget::Local(LocalBudget::start(fleet, config.callers())));
+    };
+    let fallback_rate = config.redis.fallback_rate(fleet.rate_per_sec);
+    let fallback = LocalBudget::start(
+        BudgetSettings {
+            rate_per_sec: fallback_rate,
+            burst: config.redis.fallback_rate_limit_burst,
+            ..fleet
+        },
+        config.callers(),
+    );
+    tracing::info!(
+        fleet_rate_per_sec = fleet.rate_per_sec,
+        fleet_burst = fleet.burst,
+        fallback_rate_per_sec = fallback_rate,
+        "rate budget: the fleet's, in Redis; local until connected"
+    );
+    let settings = SharedSettings {
+        rate_per_sec: fleet.rate_per_sec,
+        burst: fleet.burst,
+        max_queue: fleet.max_queue,
+        max_wait: fleet.max_wait,
+        cooldown: config.redis.redis_cooldown,
+        key_prefix: config.redis.redis_key_prefix.clone(),
+    };
+    let redis = Redis::connect(redis, metrics.registry(), vec![budget_script()])?;
+    Ok(Budget::Shared(SharedBudget::new(
+        redis,
+        settings,
+        fallback,
+        metrics.registry(),
+    )))
 }
 
 fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
@@ -185,6 +252,7 @@ impl Application {
             tls,
             policy,
             max_connections,
+            redis,
         } = checked;
         tracing::info!(max_connections, "connection budget of the gRPC port");
         let mut reloads = Vec::new();
@@ -208,7 +276,7 @@ impl Application {
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             Arc::new(cognito),
-            UpstreamBudget::start(config.budget()),
+            budget(config, redis.as_ref(), &metrics)?,
             max_in_flight,
             config.retry(),
             metrics.clone(),
@@ -233,7 +301,6 @@ impl Application {
             api: SessionApi::new(
                 flow,
                 pools,
-                CallerLimits::new(config.callers()),
                 CallerPolicy {
                     caller_id_header: config.caller_id_header.clone(),
                     trust_forwarded_client_cert: security.trust_forwarded_client_cert,

@@ -16,12 +16,23 @@ pub(crate) struct Running {
     child: Child,
     /// Where it listens.
     pub(crate) addr: SocketAddr,
+    /// The line that named the address (the service's names its metrics
+    /// port too).
+    announced: String,
 }
 
 impl Running {
     /// The process id, for reading its RSS.
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The service's metrics port, as its start-up line names it.
+    pub(crate) fn metrics_addr(&self) -> Option<SocketAddr> {
+        let line = &self.announced;
+        let start = line.find(r#""metrics_addr":""#)? + 16;
+        let end = start + line[start..].find('"')?;
+        line[start..end].parse().ok()
     }
 }
 
@@ -88,6 +99,7 @@ pub(crate) fn start_service(bin: &Path, cognito: SocketAddr, listen: SocketAddr)
     Running {
         child,
         addr: listen,
+        announced: String::new(),
     }
 }
 
@@ -102,6 +114,7 @@ fn spawn(mut command: Command, address: impl Fn(&str) -> Option<SocketAddr>) -> 
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}")),
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        announced: String::new(),
     };
     let stdout = running.child.stdout.take().expect("piped stdout");
     let (lines_tx, lines) = mpsc::channel();
@@ -119,6 +132,7 @@ fn spawn(mut command: Command, address: impl Fn(&str) -> Option<SocketAddr>) -> 
             // Keep the pipe drained; the lines themselves are not needed.
             std::thread::spawn(move || while lines.recv().is_ok() {});
             running.addr = addr;
+            running.announced = line;
             return running;
         }
     }

@@ -4,6 +4,7 @@
 
 mod children;
 mod clients;
+mod fleet;
 mod load;
 mod report;
 mod roles;
@@ -40,7 +41,7 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
 
-    /// Only these scenarios (comma list of p1..p6). Default: all.
+    /// Only these scenarios (comma list of p1..p8). Default: all.
     #[arg(long, value_delimiter = ',', value_name = "P1,...")]
     only: Vec<String>,
 }
@@ -103,6 +104,12 @@ async fn run(cli: Cli) -> ExitCode {
     }
     if wanted("p6") {
         rows.extend(verify::p6_verify_token(&plan, &service_bin).await);
+    }
+    if wanted("p7") {
+        rows.extend(fleet::p7_fleet(&plan, &service_bin).await);
+    }
+    if wanted("p8") {
+        rows.extend(fleet::p8_redis_cost(&plan, &service_bin).await);
     }
     let table = report::markdown(&rows);
     let machine = report::machine();

@@ -30,6 +30,9 @@ pub(crate) struct Plan {
     pub(crate) p4_rounds: usize,
     /// P5: cold starts measured.
     pub(crate) p5_starts: usize,
+    /// P7: the fleet's rate and how long 10× of it is offered.
+    pub(crate) p7_rate: f64,
+    pub(crate) p7_duration: Duration,
 }
 
 impl Plan {
@@ -45,6 +48,8 @@ impl Plan {
         p4_delay: Duration::from_secs(2),
         p4_rounds: 3,
         p5_starts: 10,
+        p7_rate: 20.0,
+        p7_duration: Duration::from_secs(10),
     };
 
     /// Every scenario once, in seconds: proves the benchmark still runs.
@@ -59,6 +64,8 @@ impl Plan {
         p4_delay: Duration::from_millis(300),
         p4_rounds: 3,
         p5_starts: 1,
+        p7_rate: 20.0,
+        p7_duration: Duration::from_secs(1),
     };
 }
 
@@ -66,7 +73,7 @@ impl Plan {
 /// in-flight bound stays well above P4's 1,000 calls but finite: the
 /// service sets aside one descriptor per in-flight call (its upstream
 /// connection) when it sizes its connection budget from the fd limit.
-fn unlimited() -> Vec<String> {
+pub(crate) fn unlimited() -> Vec<String> {
     [
         "--rate-limit-rps=1000000",
         "--rate-limit-burst=1000000",
@@ -415,7 +422,7 @@ async fn start_to_serving(service_bin: &Path, cognito: SocketAddr) -> Duration {
     }
 }
 
-fn unix_micros() -> u64 {
+pub(crate) fn unix_micros() -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -423,7 +430,7 @@ fn unix_micros() -> u64 {
 }
 
 /// The fake's arrival times (µs since the epoch), sorted.
-async fn arrivals(fake: SocketAddr) -> Vec<u64> {
+pub(crate) async fn arrivals(fake: SocketAddr) -> Vec<u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(fake).await.expect("fake");
     tcp.write_all(b"GET /arrivals HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n")
@@ -438,7 +445,7 @@ async fn arrivals(fake: SocketAddr) -> Vec<u64> {
 }
 
 /// Most arrivals in any 1-second window (sliding, not aligned).
-fn busiest_second(sorted: &[u64]) -> usize {
+pub(crate) fn busiest_second(sorted: &[u64]) -> usize {
     let mut start = 0;
     let mut best = 0;
     for end in 0..sorted.len() {

@@ -45,6 +45,9 @@ fn the_benchmark_runs_every_scenario_in_smoke_mode() {
         "P6 VerifyToken latency p50",
         "P6 VerifyToken throughput",
         "P6 JWKS fetches per verification once cached",
+        "P7 fleet admitted",
+        "P7 fleet busiest",
+        "P8 shared budget's added latency p50",
     ] {
         assert!(stdout.contains(scenario), "no {scenario} row in:\n{stdout}");
     }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{Notify, oneshot},
+    sync::{Notify, OwnedSemaphorePermit, oneshot},
     time::Instant,
 };
 use tokio_util::task::AbortOnDropHandle;
@@ -123,6 +123,11 @@ enum Place {
     Queued {
         granted: oneshot::Receiver<Result<(), RateLimited>>,
         _leave: LeaveQueue,
+    },
+    /// A slot the fleet's budget gave (see `shared.rs`): the permit is the
+    /// instant itself, and the place in the queue is held until then.
+    Timed {
+        _queue: OwnedSemaphorePermit,
     },
 }
 
@@ -270,6 +275,25 @@ fn queue_position(waiting: usize) -> u32 {
 // === impl Reservation ===
 
 impl Reservation {
+    /// A permit granted at once, by a budget other than this one.
+    pub(super) fn at_once(now: Instant, latest: Instant) -> Self {
+        Self {
+            eta: now,
+            latest: ReservationDeadline::new(now, latest, latest),
+            place: Place::Granted,
+        }
+    }
+
+    /// A permit that is due at `eta`, holding a place in the queue until
+    /// then. Its deadline cannot move the slot: it is already reserved.
+    pub(super) fn timed(eta: Instant, latest: Instant, queue: OwnedSemaphorePermit) -> Self {
+        Self {
+            eta,
+            latest: ReservationDeadline::new(eta.min(latest), latest, latest),
+            place: Place::Timed { _queue: queue },
+        }
+    }
+
     /// When the permit is expected: now when granted at once.
     pub fn eta(&self) -> Instant {
         self.eta
@@ -290,6 +314,10 @@ impl Reservation {
     pub async fn granted(self) -> Result<(), RateLimited> {
         match self.place {
             Place::Granted => Ok(()),
+            Place::Timed { _queue } => {
+                tokio::time::sleep_until(self.eta).await;
+                Ok(())
+            }
             Place::Queued { granted, _leave } => granted.await.unwrap_or(Err(RateLimited {
                 // The dispatcher is gone: only if the budget was dropped.
                 retry_after: Duration::ZERO,

@@ -41,6 +41,27 @@ pub struct CallerSettings {
     pub max_tracked: usize,
 }
 
+/// A caller's allowance as a rate and a burst, kept wherever the budget
+/// keeps its cells (Redis, for the fleet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallerCell {
+    /// Whose allowance it is.
+    pub name: CallerCellName,
+    /// Requests per second.
+    pub rate_per_sec: f64,
+    /// Requests at once after a quiet period.
+    pub burst: u32,
+}
+
+/// Who a cell belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallerCellName {
+    /// A verified identity, or a caller named in the overrides.
+    Own(CallerId),
+    /// Every unverified caller no override names.
+    Unverified,
+}
+
 /// Per-caller GCRA cells, at most `max_tracked` of them.
 #[derive(Debug)]
 pub struct CallerLimits {
@@ -120,6 +141,27 @@ impl CallerLimits {
         let idle_at = cell.idle_at();
         table.next_sweep = table.next_sweep.map(|at| at.min(idle_at));
         result
+    }
+
+    /// The fleet-wide cell `caller` draws on (see the module doc for who
+    /// shares one); `None` when the caller is unlimited.
+    pub fn shared_cell(&self, caller: &CallerId, verified: bool) -> Option<CallerCell> {
+        let cell = |name: CallerCellName, rate: f64| CallerCell {
+            name,
+            rate_per_sec: rate,
+            burst: self.burst_for(rate),
+        };
+        if let Some(rate) = self.override_for(caller) {
+            return Some(cell(CallerCellName::Own(caller.clone()), rate));
+        }
+        let rate = self.settings.rate_per_sec?;
+        // Redis keys expire when idle, so there is no table to bound and no
+        // overflow cell: a verified identity always has its own.
+        Some(if verified {
+            cell(CallerCellName::Own(caller.clone()), rate)
+        } else {
+            cell(CallerCellName::Unverified, rate)
+        })
     }
 
     /// Callers currently tracked at the default rate.
@@ -358,5 +400,36 @@ mod tests {
         assert_eq!(limits.tracked(), 1, "a and b were idle and dropped");
         limits.check(&caller("d"), true, later).expect("room for d");
         assert_eq!(limits.tracked(), 2);
+    }
+
+    #[test]
+    fn fleet_cells_follow_the_same_rules_as_local_ones() {
+        let limits = CallerLimits::new(CallerSettings {
+            rate_per_sec: Some(2.0),
+            burst: None,
+            overrides: vec![(caller("billing"), 5.0)],
+            max_tracked: 1,
+        });
+        let shared = |id: &str, verified| limits.shared_cell(&caller(id), verified);
+        let own = |id: &str, rate: f64, burst: u32| {
+            Some(CallerCell {
+                name: CallerCellName::Own(caller(id)),
+                rate_per_sec: rate,
+                burst,
+            })
+        };
+        assert_eq!(shared("billing", false), own("billing", 5.0, 5));
+        assert_eq!(shared("spiffe://x/a", true), own("spiffe://x/a", 2.0, 2));
+        assert_eq!(
+            shared("minted-1", false),
+            shared("minted-2", false),
+            "unverified ids share one cell"
+        );
+        assert_eq!(
+            shared("minted-1", false).map(|c| c.name),
+            Some(CallerCellName::Unverified)
+        );
+        let unlimited = CallerLimits::new(CallerSettings::default());
+        assert_eq!(unlimited.shared_cell(&caller("a"), true), None);
     }
 }

@@ -84,7 +84,7 @@ impl SignOutFlow {
                 return Err(error.into());
             }
             tokio::time::sleep(pause).await;
-            if self.inner.budget.acquire(Some(deadline)).await.is_err() {
+            if self.inner.budget.acquire(deadline).await.is_err() {
                 return Err(error.into());
             }
             tracing::debug!(attempt = attempt + 1, previous = ?error.kind, "retrying Cognito call");

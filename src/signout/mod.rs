@@ -24,7 +24,7 @@ use crate::{
     cognito::SignOutUpstream,
     domain::{UserPoolId, Username},
     error::{SignOutError, UpstreamError, UpstreamErrorKind},
-    limiter::{RateLimitCause, RateLimited, UpstreamBudget},
+    limiter::{Budget, CallerRef, RateLimitCause, RateLimited, Reservation},
     metrics::Metrics,
 };
 
@@ -52,7 +52,7 @@ pub struct SignOutFlow {
 #[derive(Debug)]
 struct Inner {
     upstream: Arc<dyn SignOutUpstream>,
-    budget: UpstreamBudget,
+    budget: Budget,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     retry: RetrySettings,
@@ -70,7 +70,7 @@ impl SignOutFlow {
     /// `max_in_flight` bounds the Cognito calls under way at once.
     pub fn new(
         upstream: Arc<dyn SignOutUpstream>,
-        budget: UpstreamBudget,
+        budget: Budget,
         max_in_flight: usize,
         retry: RetrySettings,
         metrics: Arc<Metrics>,
@@ -95,8 +95,8 @@ impl SignOutFlow {
         self.inner.max_in_flight - self.inner.in_flight.available_permits()
     }
 
-    /// The shared budget (for metrics and tests).
-    pub fn budget(&self) -> &UpstreamBudget {
+    /// The Cognito budget (for metrics and tests).
+    pub fn budget(&self) -> &Budget {
         &self.inner.budget
     }
 
@@ -105,7 +105,7 @@ impl SignOutFlow {
     /// slot, and is refused at once (RATE_LIMITED) when it does not.
     pub async fn sign_out(&self, call: SignOutCall) -> Outcome {
         let deadline = call.deadline;
-        let (job, mut outcome) = self.join_or_lead(call)?;
+        let (job, mut outcome) = self.join_or_lead(call).await?;
         match tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some)).await {
             Ok(Ok(done)) => done.clone().unwrap_or_else(|| Err(job::no_outcome())),
             // The job's task ended without an outcome: it panicked, or was
@@ -141,19 +141,68 @@ impl SignOutFlow {
         }
     }
 
-    /// Joins the queued job of the same user, or starts a new one. Under the
-    /// queue's lock, so a job never leaves the queue while someone joins it.
-    fn join_or_lead(
+    /// Joins the queued job of the same user, or starts a new one. The
+    /// caller is charged once either way: joining takes its allowance
+    /// only, leading takes its allowance and a slot in one reservation.
+    async fn join_or_lead(
         &self,
         call: SignOutCall,
     ) -> Result<(Arc<Job>, job::Subscription), SignOutError> {
-        let key = (call.pool, call.username);
-        let mut queued = self.queued();
-        if let Some(job) = queued.get(&key) {
-            let subscription = job.join(call.caller, call.deadline)?;
-            return Ok((job.clone(), subscription));
+        let key = (call.pool.clone(), call.username.clone());
+        let caller = CallerRef {
+            id: &call.caller.id,
+            verified: call.caller.verified.is_some(),
+        };
+        let mut charged = false;
+        if self.queued().contains_key(&key) {
+            self.inner.budget.charge_caller(caller).await?;
+            charged = true;
+            if let Some(joined) = self.join(&key, &call)? {
+                return Ok(joined);
+            }
         }
-        let reservation = self.inner.budget.reserve(Some(call.deadline))?;
+        let reservation = self
+            .inner
+            .budget
+            .reserve(call.deadline, (!charged).then_some(caller))
+            .await?;
+        Ok(self.lead(key, call, reservation))
+    }
+
+    /// Joins the queued job for `key`, if there is one. Under the queue's
+    /// lock, so a job never leaves the queue while someone joins it.
+    fn join(
+        &self,
+        key: &Key,
+        call: &SignOutCall,
+    ) -> Result<Option<(Arc<Job>, job::Subscription)>, SignOutError> {
+        let queued = self.queued();
+        let Some(job) = queued.get(key) else {
+            return Ok(None);
+        };
+        let subscription = job.join(call.caller.clone(), call.deadline)?;
+        Ok(Some((job.clone(), subscription)))
+    }
+
+    /// Starts a job on `reservation` and queues it for others to join. The
+    /// reservation may have awaited Redis, so another caller may have
+    /// queued a job for this user meanwhile: this one joins it and gives
+    /// its slot up (capacity lost, never an overrun), or, if that job's
+    /// permit comes after this caller's deadline, runs on its own
+    /// reservation, joinable by nobody.
+    fn lead(
+        &self,
+        key: Key,
+        call: SignOutCall,
+        reservation: Reservation,
+    ) -> (Arc<Job>, job::Subscription) {
+        let mut queued = self.queued();
+        let other = queued.get(&key).cloned();
+        if let Some(other) = &other
+            && let Ok(subscription) = other.join(call.caller.clone(), call.deadline)
+        {
+            return (other.clone(), subscription);
+        }
         let (job, subscription) = Job::new(
             key.clone(),
             call.user_hash,
@@ -164,7 +213,7 @@ impl SignOutFlow {
         // A permit granted at once means the call is as good as in flight:
         // nobody may join it (a token minted after Cognito processed it
         // would survive it).
-        if !reservation.is_granted() {
+        if other.is_none() && !reservation.is_granted() {
             queued.insert(key, job.clone());
         }
         drop(queued);
@@ -183,7 +232,7 @@ impl SignOutFlow {
             }
             .instrument(tracing::Span::current()),
         );
-        Ok((job, subscription))
+        (job, subscription)
     }
 
     fn queued(&self) -> MutexGuard<'_, HashMap<Key, Arc<Job>>> {

@@ -14,7 +14,7 @@ use super::*;
 use crate::{
     cognito::{SignOutUpstream, SignedOut, UpstreamFuture},
     identity::{CallerId, IdentitySource},
-    limiter::BudgetSettings,
+    limiter::{BudgetSettings, CallerSettings, LocalBudget},
 };
 
 const MS: Duration = Duration::from_millis(1);
@@ -79,16 +79,22 @@ impl SignOutUpstream for FakeUpstream {
 /// A flow at `rate`/s with burst 1 and no retries, its burst already spent,
 /// so the next permit is one interval away.
 async fn flow_with_spent_burst(upstream: Arc<FakeUpstream>, rate: f64) -> SignOutFlow {
-    let budget = UpstreamBudget::start(BudgetSettings {
-        rate_per_sec: rate,
-        burst: 1,
-        max_queue: 100,
-        max_wait: Duration::from_secs(10),
-    });
-    budget.acquire(None).await.expect("the burst");
+    let budget = LocalBudget::start(
+        BudgetSettings {
+            rate_per_sec: rate,
+            burst: 1,
+            max_queue: 100,
+            max_wait: Duration::from_secs(10),
+        },
+        CallerSettings::default(),
+    );
+    budget
+        .acquire(Instant::now() + Duration::from_secs(1))
+        .await
+        .expect("the burst");
     SignOutFlow::new(
         upstream,
-        budget,
+        Budget::Local(budget),
         10,
         RetrySettings {
             max_attempts: 1,
@@ -189,11 +195,13 @@ async fn a_job_leaves_the_queue_only_when_nobody_waits_for_it() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let (job, first) = flow
         .join_or_lead(call("alice", "web", deadline))
+        .await
         .expect("queued");
 
     drop(first); // the job's `closed()` would now resolve
     let (joined, second) = flow
         .join_or_lead(call("alice", "web", deadline))
+        .await
         .expect("joins");
 
     assert!(Arc::ptr_eq(&job, &joined), "joined the queued job");
@@ -318,15 +326,18 @@ async fn a_caller_still_queued_at_its_deadline_is_rate_limited() {
 #[tokio::test(start_paused = true)]
 async fn a_job_whose_deadline_passed_in_the_queue_is_not_an_upstream_timeout() {
     let upstream = FakeUpstream::slow(MS);
-    let budget = UpstreamBudget::start(BudgetSettings {
-        rate_per_sec: 10.0,
-        burst: 1,
-        max_queue: 100,
-        max_wait: Duration::from_secs(10),
-    });
+    let budget = LocalBudget::start(
+        BudgetSettings {
+            rate_per_sec: 10.0,
+            burst: 1,
+            max_queue: 100,
+            max_wait: Duration::from_secs(10),
+        },
+        CallerSettings::default(),
+    );
     let flow = SignOutFlow::new(
         upstream.clone(),
-        budget.clone(),
+        Budget::Local(budget.clone()),
         10,
         RetrySettings {
             max_attempts: 3,
@@ -335,7 +346,7 @@ async fn a_job_whose_deadline_passed_in_the_queue_is_not_an_upstream_timeout() {
         Arc::new(Metrics::new()),
     );
     let deadline = Instant::now() + 10 * MS;
-    let reservation = budget.reserve(Some(deadline)).expect("the burst");
+    let reservation = budget.reserve(deadline, None).expect("the burst");
     let template = call("alice", "web", deadline);
     let (job, _subscription) = job::Job::new(
         (template.pool, template.username),
@@ -450,15 +461,18 @@ async fn every_attempt_is_audited_and_a_call_cut_off_at_shutdown_says_so() {
         errors: Mutex::new(VecDeque::from([UpstreamErrorKind::InternalError])),
         ..FakeUpstream::default()
     });
-    let budget = UpstreamBudget::start(BudgetSettings {
-        rate_per_sec: 100.0,
-        burst: 5,
-        max_queue: 100,
-        max_wait: Duration::from_secs(10),
-    });
+    let budget = LocalBudget::start(
+        BudgetSettings {
+            rate_per_sec: 100.0,
+            burst: 5,
+            max_queue: 100,
+            max_wait: Duration::from_secs(10),
+        },
+        CallerSettings::default(),
+    );
     let flow = SignOutFlow::new(
         upstream.clone(),
-        budget,
+        Budget::Local(budget),
         10,
         RetrySettings {
             max_attempts: 3,
@@ -498,5 +512,100 @@ async fn every_attempt_is_audited_and_a_call_cut_off_at_shutdown_says_so() {
             (Some(1), Some("InternalErrorException".to_owned())),
             (Some(2), Some("abandoned".to_owned())),
         ]
+    );
+}
+
+/// A flow whose budget takes `delay` to decide (a Redis round trip) and
+/// `answer_delays` more to answer, its burst of 1 spent, so reservations
+/// queue and can be joined.
+async fn flow_with_slow_budget(
+    upstream: Arc<FakeUpstream>,
+    delay: Duration,
+    answer_delays: &[Duration],
+) -> SignOutFlow {
+    let local = LocalBudget::start(
+        BudgetSettings {
+            rate_per_sec: 10.0,
+            burst: 1,
+            max_queue: 100,
+            max_wait: Duration::from_secs(10),
+        },
+        CallerSettings::default(),
+    );
+    local
+        .acquire(Instant::now() + Duration::from_secs(1))
+        .await
+        .expect("the burst");
+    let answer_delays = Arc::new(Mutex::new(answer_delays.iter().copied().collect()));
+    SignOutFlow::new(
+        upstream,
+        Budget::Delayed {
+            local,
+            delay,
+            answer_delays,
+        },
+        10,
+        RetrySettings {
+            max_attempts: 1,
+            initial_backoff: MS,
+        },
+        Arc::new(Metrics::new()),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_first_callers_whose_reservations_overlap_make_one_call() {
+    let upstream = FakeUpstream::slow(MS);
+    let flow = flow_with_slow_budget(upstream.clone(), 5 * MS, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+
+    // Both find no job and both reserve; the second to get its slot finds
+    // the first's job queued and joins it, giving its own slot up.
+    let (web, billing) = tokio::join!(
+        flow.sign_out(call("alice", "web", deadline)),
+        flow.sign_out(call("alice", "billing", deadline)),
+    );
+
+    assert_eq!(web.expect("signed out").aws_request_id, "req-alice");
+    assert_eq!(billing.expect("signed out").aws_request_id, "req-alice");
+    assert_eq!(upstream.calls().len(), 1, "one Cognito call for both");
+    assert_eq!(
+        flow.budget().queue_depth(),
+        0,
+        "the unused slot was given up"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_racing_caller_that_cannot_wait_for_the_queued_job_keeps_its_own_slot() {
+    let upstream = FakeUpstream::slow(MS);
+    // The early caller is decided first (slot at 100 ms) but its answer
+    // comes 20 ms later; the late caller is decided second (slot at 200 ms)
+    // and its job is queued first.
+    let flow = flow_with_slow_budget(upstream.clone(), 5 * MS, &[20 * MS, Duration::ZERO]).await;
+    let start = Instant::now();
+    let early = tokio::spawn({
+        let flow = flow.clone();
+        async move { flow.sign_out(call("alice", "web", start + 150 * MS)).await }
+    });
+    tokio::task::yield_now().await;
+    let late = tokio::spawn({
+        let flow = flow.clone();
+        async move {
+            flow.sign_out(call("alice", "billing", start + Duration::from_secs(2)))
+                .await
+        }
+    });
+
+    // Joining the queued job would miss its deadline: it runs on its own
+    // slot instead of being refused or wasting it.
+    early.await.expect("no panic").expect("signed out in time");
+    late.await.expect("no panic").expect("signed out");
+    let calls = upstream.calls();
+    assert_eq!(calls.len(), 2, "each on its own slot");
+    assert!(
+        calls[0].2 - start <= 101 * MS,
+        "the early one at its slot: {:?}",
+        calls[0].2 - start
     );
 }

@@ -55,6 +55,12 @@ pub enum StartupError {
     /// The open-files limit cannot hold the connection budgets.
     #[error(transparent)]
     FdLimit(#[from] FdLimitTooLow),
+    /// `--redis-password-file` cannot be read.
+    #[error("{0}")]
+    RedisPasswordFile(#[source] std::io::Error),
+    /// The Redis settings cannot be used (a CA file, a URL).
+    #[error(transparent)]
+    Redis(#[from] crate::redis::RedisSetupError),
     /// The listen address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -89,7 +95,9 @@ impl StartupError {
             | Self::PolicyFile { .. }
             | Self::Policy { .. }
             | Self::PolicyWithoutIdentity
-            | Self::FdLimit(_) => 64,
+            | Self::FdLimit(_)
+            | Self::RedisPasswordFile(_)
+            | Self::Redis(_) => 64,
             Self::Bind { .. }
             | Self::JwksClient(_)
             | Self::TokenMetrics(_)

@@ -1,0 +1,404 @@
+//! The one Redis connection the service holds: connected in the background
+//! (the service starts whether Redis is up or not), every call bounded by
+//! `--redis-timeout`, measured, and its failures classified. Its users
+//! decide what a failure means (the budget falls back to a local one).
+//!
+//! A call that timed out is never sent again: it may have run. The only
+//! resend is redis-rs's own on NOSCRIPT (EVALSHA, then SCRIPT LOAD and
+//! EVALSHA once), and a NOSCRIPT reply means the first one did not run.
+
+use std::{
+    fmt,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use ::redis::{
+    Client, ConnectionInfo, FromRedisValue, IntoConnectionInfo, Script, ScriptInvocation,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use tokio_util::task::AbortOnDropHandle;
+
+/// Redis latency buckets in seconds: loopback to a slow cross-zone hop.
+const REDIS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+
+/// Kinds of failure, as `session_redis_errors_total{kind}` counts them.
+const ERROR_KINDS: &[&str] = &["timeout", "connection", "script", "other"];
+
+/// A Redis URL as given: `redis://` or `rediss://`. It may carry a password,
+/// so it never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Accepts what redis-rs can connect to over TCP, with or without TLS.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err("expected redis://HOST:PORT or rediss://HOST:PORT".into());
+        }
+        // The library's own parser decides; its message may quote the URL,
+        // so it is not passed on.
+        url.into_connection_info()
+            .map_err(|_| "not a valid Redis URL (redis://[:PASSWORD@]HOST[:PORT][/DB])")?;
+        Ok(Self(url.to_owned()))
+    }
+
+    fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RedisUrl(<redacted>)")
+    }
+}
+
+/// A password that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisPassword(String);
+
+impl RedisPassword {
+    /// A password as read from a file or the environment; a trailing newline
+    /// (as `echo` or a Secret's editor leaves) is not part of it.
+    pub fn new(password: &str) -> Self {
+        Self(password.trim_end_matches(['\r', '\n']).to_owned())
+    }
+}
+
+impl fmt::Debug for RedisPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RedisPassword(<redacted>)")
+    }
+}
+
+/// Where Redis is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://`.
+    pub url: RedisUrl,
+    /// Replaces the URL's password when set.
+    pub password: Option<RedisPassword>,
+    /// PEM roots for `rediss://`; the system's roots when unset.
+    pub ca_file: Option<PathBuf>,
+    /// Bound on every call.
+    pub timeout: Duration,
+    /// Pause between connection attempts while Redis cannot be reached.
+    pub reconnect_every: Duration,
+}
+
+/// Why a Redis client could not be built (start-up errors).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    /// `--redis-ca-file` could not be read.
+    #[error("cannot read --redis-ca-file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--redis-ca-file` given with a `redis://` URL.
+    #[error("--redis-ca-file needs a rediss:// URL")]
+    CaWithoutTls,
+    /// redis-rs refused the settings (its message quotes no secret).
+    #[error("invalid Redis settings: {0}")]
+    Invalid(String),
+}
+
+/// Why a call failed; `kind()` is its metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisCallError {
+    /// Not connected yet (start-up with Redis down).
+    #[error("not connected to Redis")]
+    NotConnected,
+    /// No answer within `--redis-timeout`; the call may have run.
+    #[error("no answer from Redis within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed or dropped.
+    #[error("Redis connection error: {0}")]
+    Connection(::redis::RedisError),
+    /// Redis ran the script and it failed, or its answer had another shape.
+    #[error("Redis script error: {0}")]
+    Script(::redis::RedisError),
+    /// Anything else (authentication, a read-only replica, ...).
+    #[error("Redis error: {0}")]
+    Other(::redis::RedisError),
+}
+
+impl RedisCallError {
+    fn from_redis(error: ::redis::RedisError) -> Self {
+        use ::redis::{ErrorKind, ServerErrorKind};
+        if error.is_timeout() {
+            // redis-rs's own timeouts (connecting) count as ours.
+            return Self::Timeout(Duration::ZERO);
+        }
+        if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal() {
+            return Self::Connection(error);
+        }
+        match error.kind() {
+            ErrorKind::Server(ServerErrorKind::NoScript)
+            | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Parse => Self::Script(error),
+            ErrorKind::Server(ServerErrorKind::ResponseError) if is_script_failure(&error) => {
+                Self::Script(error)
+            }
+            _ => Self::Other(error),
+        }
+    }
+
+    /// The `kind` label of `session_redis_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotConnected | Self::Connection(_) => "connection",
+            Self::Timeout(_) => "timeout",
+            Self::Script(_) => "script",
+            Self::Other(_) => "other",
+        }
+    }
+}
+
+fn is_script_failure(error: &::redis::RedisError) -> bool {
+    error.to_string().contains("script")
+}
+
+/// Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    manager: OnceLock<ConnectionManager>,
+    timeout: Duration,
+    duration: HistogramVec,
+    errors: IntCounterVec,
+    connector: OnceLock<AbortOnDropHandle<()>>,
+}
+
+impl Redis {
+    /// Builds the client and starts connecting in the background; calls
+    /// fail with [`RedisCallError::NotConnected`] until it is connected.
+    /// Registers `session_redis_*` in `registry`.
+    /// `preload` are loaded once connected, so that the first calls are one
+    /// EVALSHA each, not three round trips (NOSCRIPT, SCRIPT LOAD, EVALSHA).
+    pub fn connect(
+        settings: &RedisSettings,
+        registry: &Registry,
+        preload: Vec<Script>,
+    ) -> Result<Self, RedisSetupError> {
+        let client = client(settings)?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "session_redis_duration_seconds",
+                "Duration of Redis calls that got an answer, by operation.",
+            )
+            .buckets(REDIS_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .expect("valid histogram");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "session_redis_errors_total",
+                "Redis calls that failed, by kind (timeout, connection, script, other).",
+            ),
+            &["kind"],
+        )
+        .expect("valid counter");
+        for kind in ERROR_KINDS {
+            errors.with_label_values(&[*kind]);
+        }
+        // A second service in one process (tests) shares the registry's
+        // first registration; the counters then only count that one.
+        let _ = registry.register(Box::new(duration.clone()));
+        let _ = registry.register(Box::new(errors.clone()));
+        let redis = Self {
+            inner: Arc::new(Inner {
+                manager: OnceLock::new(),
+                timeout: settings.timeout,
+                duration,
+                errors,
+                connector: OnceLock::new(),
+            }),
+        };
+        let task = tokio::spawn(connect_until_connected(
+            client,
+            settings.reconnect_every,
+            preload,
+            Arc::downgrade(&redis.inner),
+        ));
+        let _ = redis.inner.connector.set(AbortOnDropHandle::new(task));
+        Ok(redis)
+    }
+
+    /// True once the first connection was made (it reconnects by itself
+    /// after that).
+    pub fn is_connected(&self) -> bool {
+        self.inner.manager.get().is_some()
+    }
+
+    /// Runs a script, bounded by `--redis-timeout`; `op` labels its metrics.
+    pub async fn run_script<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, RedisCallError> {
+        let result = self.call(op, invocation).await;
+        if let Err(error) = &result {
+            self.inner.errors.with_label_values(&[error.kind()]).inc();
+        }
+        result
+    }
+
+    async fn call<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, RedisCallError> {
+        let mut connection = self
+            .inner
+            .manager
+            .get()
+            .ok_or(RedisCallError::NotConnected)?
+            .clone();
+        let started = tokio::time::Instant::now();
+        let answer =
+            tokio::time::timeout(self.inner.timeout, invocation.invoke_async(&mut connection))
+                .await
+                .map_err(|_| RedisCallError::Timeout(self.inner.timeout))?;
+        self.inner
+            .duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        answer.map_err(RedisCallError::from_redis)
+    }
+}
+
+/// Checks the settings without connecting (reads the CA file).
+pub fn check(settings: &RedisSettings) -> Result<(), RedisSetupError> {
+    client(settings).map(|_| ())
+}
+
+/// The client for `settings`: the password replaced when one is given
+/// apart from the URL, and the CA roots loaded for `rediss://`.
+fn client(settings: &RedisSettings) -> Result<Client, RedisSetupError> {
+    let invalid =
+        |error: ::redis::RedisError| RedisSetupError::Invalid(format!("{:?}", error.kind()));
+    let mut info: ConnectionInfo = settings
+        .url
+        .0
+        .as_str()
+        .into_connection_info()
+        .map_err(invalid)?;
+    if let Some(password) = &settings.password {
+        let redis = info.redis_settings().clone().set_password(&password.0);
+        info = info.set_redis_settings(redis);
+    }
+    match &settings.ca_file {
+        None => Client::open(info).map_err(invalid),
+        Some(_) if !settings.url.is_tls() => Err(RedisSetupError::CaWithoutTls),
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| RedisSetupError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            let certificates = ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            Client::build_with_tls(info, certificates).map_err(invalid)
+        }
+    }
+}
+
+/// Connects, retrying every `reconnect_every` while Redis cannot be
+/// reached, then hands the connection manager over (it reconnects by itself
+/// from then on) and ends.
+async fn connect_until_connected(
+    client: Client,
+    reconnect_every: Duration,
+    preload: Vec<Script>,
+    inner: std::sync::Weak<Inner>,
+) {
+    // Connecting (TCP, TLS, AUTH) takes longer than a call; the call
+    // timeout still bounds every request that waits on a reconnection.
+    let connect_timeout = reconnect_every.min(Duration::from_secs(5));
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(reconnect_every);
+    let mut logged = false;
+    loop {
+        match client
+            .get_connection_manager_with_config(config.clone())
+            .await
+        {
+            Ok(mut manager) => {
+                for script in &preload {
+                    // A failure here costs only the first call's NOSCRIPT.
+                    let _ = tokio::time::timeout(connect_timeout, script.load_async(&mut manager))
+                        .await;
+                }
+                if let Some(inner) = inner.upgrade() {
+                    let _ = inner.manager.set(manager);
+                    tracing::info!("connected to Redis");
+                }
+                return;
+            }
+            Err(error) => {
+                if !logged {
+                    tracing::warn!(
+                        error = %RedisCallError::from_redis(error),
+                        retry_every = ?reconnect_every,
+                        "cannot connect to Redis; retrying in the background"
+                    );
+                    logged = true;
+                }
+            }
+        }
+        tokio::time::sleep(reconnect_every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_and_never_printed() {
+        let url = RedisUrl::parse("rediss://:s3cret@cache.example:6379").expect("valid");
+        assert!(url.is_tls());
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert!(RedisUrl::parse("http://cache.example").is_err());
+        let password = RedisPassword::new("hunter2\n");
+        assert_eq!(
+            password.0, "hunter2",
+            "the file's newline is not the password's"
+        );
+        assert!(!format!("{password:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_ca_file_needs_tls_and_must_be_readable() {
+        let settings = |url: &str, ca: &str| RedisSettings {
+            url: RedisUrl::parse(url).expect("valid"),
+            password: None,
+            ca_file: Some(PathBuf::from(ca)),
+            timeout: Duration::from_millis(50),
+            reconnect_every: Duration::from_secs(1),
+        };
+        assert!(matches!(
+            client(&settings("redis://127.0.0.1:1", "/nonexistent")),
+            Err(RedisSetupError::CaWithoutTls)
+        ));
+        assert!(matches!(
+            client(&settings("rediss://127.0.0.1:1", "/nonexistent")),
+            Err(RedisSetupError::CaFile { .. })
+        ));
+    }
+}
