@@ -175,6 +175,8 @@ pub struct Redis {
 #[derive(Debug)]
 struct Inner {
     manager: OnceLock<ConnectionManager>,
+    /// Becomes true once, when `manager` is set.
+    connected: tokio::sync::watch::Sender<bool>,
     timeout: Duration,
     duration: HistogramVec,
     errors: IntCounterVec,
@@ -220,6 +222,7 @@ impl Redis {
         let redis = Self {
             inner: Arc::new(Inner {
                 manager: OnceLock::new(),
+                connected: tokio::sync::watch::Sender::new(false),
                 timeout: settings.timeout,
                 duration,
                 errors,
@@ -240,6 +243,13 @@ impl Redis {
     /// after that).
     pub fn is_connected(&self) -> bool {
         self.inner.manager.get().is_some()
+    }
+
+    /// Resolves once the first connection is made (at once if it was).
+    pub async fn wait_connected(&self) {
+        let mut connected = self.inner.connected.subscribe();
+        // Err only if the sender is gone, and it lives as long as `self`.
+        let _ = connected.wait_for(|connected| *connected).await;
     }
 
     /// Runs a script, bounded by `--redis-timeout`; `op` labels its metrics.
@@ -346,6 +356,7 @@ async fn connect_until_connected(
                 }
                 if let Some(inner) = inner.upgrade() {
                     let _ = inner.manager.set(manager);
+                    inner.connected.send_replace(true);
                     tracing::info!("connected to Redis");
                 }
                 return;

@@ -100,7 +100,7 @@ impl SharedBudget {
         registry: &Registry,
     ) -> Self {
         let mode = ModeSwitch::new(settings.cooldown, registry);
-        Self {
+        let budget = Self {
             inner: Arc::new(Inner {
                 redis,
                 script: budget_script(),
@@ -110,7 +110,19 @@ impl SharedBudget {
                 fallback,
                 mode,
             }),
-        }
+        };
+        // The mode says "shared" as soon as Redis is reachable, not only
+        // after the first sign-out; the task holds no reference, so a
+        // budget dropped before Redis comes up is not kept alive by it.
+        let redis = budget.inner.redis.clone();
+        let inner = Arc::downgrade(&budget.inner);
+        tokio::spawn(async move {
+            redis.wait_connected().await;
+            if let Some(inner) = inner.upgrade() {
+                inner.mode.connected();
+            }
+        });
+        budget
     }
 
     /// A slot for a new sign-out: the caller's allowance (when given) and
@@ -347,14 +359,27 @@ impl ModeSwitch {
         }
     }
 
+    /// The first connection was made: shared, unless a call already
+    /// failed meanwhile (then the cool-down decides).
+    fn connected(&self) {
+        let mut mode = self.lock();
+        if matches!(*mode, Mode::Starting) {
+            self.become_shared(&mut mode);
+        }
+    }
+
     fn shared_works(&self) {
         let mut mode = self.lock();
         if !matches!(*mode, Mode::Shared) {
-            *mode = Mode::Shared;
-            self.gauge.with_label_values(&["shared"]).set(1);
-            self.gauge.with_label_values(&["local"]).set(0);
-            tracing::info!("rate budget: shared (Redis)");
+            self.become_shared(&mut mode);
         }
+    }
+
+    fn become_shared(&self, mode: &mut Mode) {
+        *mode = Mode::Shared;
+        self.gauge.with_label_values(&["shared"]).set(1);
+        self.gauge.with_label_values(&["local"]).set(0);
+        tracing::info!("rate budget: shared (Redis)");
     }
 
     fn failed(&self, now: Instant, error: &RedisCallError, fallback_rate: f64) {
@@ -390,4 +415,56 @@ pub fn mode_gauge(registry: &Registry) -> IntGaugeVec {
     .expect("valid gauge");
     let _ = registry.register(Box::new(gauge.clone()));
     gauge
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gauge(switch: &ModeSwitch) -> (i64, i64) {
+        let value = |mode| switch.gauge.with_label_values(&[mode]).get();
+        (value("shared"), value("local"))
+    }
+
+    #[test]
+    fn local_until_connected_then_one_probe_per_cooldown_after_a_failure() {
+        let switch = ModeSwitch::new(Duration::from_secs(5), &Registry::new());
+        let start = Instant::now();
+        assert!(!switch.try_shared(start, false), "local while connecting");
+        assert_eq!(gauge(&switch), (0, 1));
+        switch.connected();
+        assert!(switch.try_shared(start, true));
+        assert_eq!(gauge(&switch), (1, 0), "shared once connected");
+
+        switch.failed(start, &RedisCallError::NotConnected, 1.0);
+        assert_eq!(gauge(&switch), (0, 1));
+        let before = start + Duration::from_millis(4_999);
+        assert!(!switch.try_shared(before, true), "local for the cool-down");
+        let after = start + Duration::from_secs(5);
+        assert!(switch.try_shared(after, true), "one request probes");
+        assert!(
+            !switch.try_shared(after, true),
+            "the others stay local while it does"
+        );
+        switch.failed(after, &RedisCallError::NotConnected, 1.0);
+        assert!(!switch.try_shared(after + Duration::from_millis(4_999), true));
+        let again = after + Duration::from_secs(5);
+        assert!(switch.try_shared(again, true), "the next probe");
+        switch.shared_works();
+        assert!(switch.try_shared(again, true) && switch.try_shared(again, true));
+        assert_eq!(gauge(&switch), (1, 0));
+    }
+
+    #[test]
+    fn a_failure_before_the_connection_is_announced_keeps_the_cooldown() {
+        let switch = ModeSwitch::new(Duration::from_secs(5), &Registry::new());
+        let start = Instant::now();
+        switch.failed(start, &RedisCallError::NotConnected, 1.0);
+        switch.connected();
+        assert!(
+            !switch.try_shared(start, true),
+            "a late announcement does not cut the cool-down short"
+        );
+        assert_eq!(gauge(&switch), (0, 1));
+    }
 }
