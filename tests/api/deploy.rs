@@ -4,7 +4,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use serde::Deserialize;
 use serde_json::Value;
 use session_service::config::Config;
@@ -20,6 +20,29 @@ const MONITORED: &[&str] = &["deploy/k8s/overlays/production", "deploy/k8s/overl
 const METRICS_SERVICE: &str = "session-service-metrics";
 /// Cognito's UserUpdate quota per account and Region.
 const COGNITO_ACCOUNT_RPS: f64 = 25.0;
+/// ElastiCache's default port, TLS included.
+const REDIS_PORT: u64 = 6379;
+/// The Secrets' keys that the manifests use, as the test stands them in (the
+/// TLS Secret's files are made per run, from a test CA).
+const TEST_SECRETS: &[(&str, &str, &str)] = &[
+    ("session-service-log-hash", "key", "deploy-test-key"),
+    // The service starts with Redis down (it goes local and connects in
+    // the background); --check-config does not connect at all.
+    (
+        "session-service-redis",
+        "url",
+        "rediss://redis.deploy-test.invalid:6379",
+    ),
+    ("session-service-redis", "password", "deploy-test-password"),
+];
+
+fn test_secret(secret: &str, key: &str) -> &'static str {
+    TEST_SECRETS
+        .iter()
+        .find(|(s, k, _)| *s == secret && *k == key)
+        .map(|(_, _, value)| *value)
+        .unwrap_or_else(|| panic!("no stand-in for key {key} of Secret {secret}: add one"))
+}
 
 struct Rendered {
     name: &'static str,
@@ -87,6 +110,55 @@ impl Rendered {
 
     fn container(&self) -> &Value {
         &self.pod()["spec"]["containers"][0]
+    }
+
+    /// The container's environment as Kubernetes builds it: the ConfigMap,
+    /// then `env` entries (which win), Secret references stood in for.
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self
+            .config()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_owned()))
+            .collect();
+        for entry in self.container()["env"].as_array().into_iter().flatten() {
+            let name = entry["name"].as_str().expect("env name").to_owned();
+            let secret = &entry["valueFrom"]["secretKeyRef"];
+            let value = match entry["value"].as_str() {
+                Some(value) => value.to_owned(),
+                None if secret.is_object() => test_secret(
+                    secret["name"].as_str().expect("Secret name"),
+                    secret["key"].as_str().expect("Secret key"),
+                )
+                .to_owned(),
+                None => panic!("{}: env {name}: neither a value nor a Secret", self.name),
+            };
+            env.retain(|(k, _)| *k != name);
+            env.push((name, value));
+        }
+        env
+    }
+
+    /// The server's configuration from [`Self::env`], parsed by the server's
+    /// own flags (each variable given as the flag that reads it, so the
+    /// test's environment is never touched); defaults fill the rest.
+    fn server_config(&self) -> Config {
+        let command = Config::command();
+        let mut args = vec!["session-service".to_owned()];
+        for (name, value) in self.env() {
+            let Some(arg) = command
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == name.as_str()))
+            else {
+                continue; // AWS_REGION and the like: not the server's flags.
+            };
+            let long = arg.get_long().expect("every flag has a long name");
+            if arg.get_action().takes_values() {
+                args.push(format!("--{long}={value}"));
+            } else if matches!(value.as_str(), "true" | "1" | "yes" | "on") {
+                args.push(format!("--{long}"));
+            }
+        }
+        Config::try_parse_from(&args).unwrap_or_else(|e| panic!("{}: {e}", self.name))
     }
 
     /// A duration flag as the server will see it: the ConfigMap's value, or
@@ -215,10 +287,7 @@ fn prestop_drain_and_grace_fit_in_the_termination_grace_period() {
 /// to use them.
 const HEADROOM_RPS: f64 = 4.0;
 
-/// Until the budget is shared (Redis), each pod has its own, and in any one
-/// second a pod's GCRA admits at most `rps + burst` calls (retries
-/// included: each attempt takes a permit). The most pods that can call
-/// Cognito at once:
+/// The most pods that can call Cognito at once:
 /// - `maxReplicas` from the HPA;
 /// - `maxSurge` more during a rollout;
 /// - one pod still draining from the rollout: a rollout step waits for the
@@ -232,11 +301,27 @@ const HEADROOM_RPS: f64 = 4.0;
 ///   `kubectl delete pod`): the PDB lets one go at a time, and `kubectl
 ///   drain` waits for it to terminate before it moves on.
 ///
-/// So `(maxReplicas + maxSurge + 3) × (rps + burst) ≤ 25 − headroom`. Not
-/// covered: several evictions at once by tools that do not wait, and a new
-/// revision pushed mid-rollout; the shared budget (Redis) ends the guesswork.
+/// Not covered: several evictions at once by tools that do not wait, and a
+/// new revision pushed mid-rollout.
+///
+/// In any one second a GCRA admits at most `rps + burst` calls (retries
+/// included: each attempt takes a permit).
+/// - **Without Redis** each pod has its own budget:
+///   `pods × (rps + burst) ≤ 25 − headroom`.
+/// - **With Redis** `rps + burst` is the whole fleet's, whatever `pods`.
+///   But a pod that cannot reach Redis spends its own fallback budget, and
+///   in an outage pods do not all notice at once (nor a partition, nor a
+///   slow Redis timing some calls out): the pods still reaching Redis spend
+///   the fleet's budget between them while every other pod spends its
+///   fallback, and in the second a pod switches, slots it reserved in Redis
+///   still fire. So, conservatively, every pod in fallback *and* the fleet's
+///   budget spent: `(rps + burst) + pods × (fallback + fallback burst) ≤
+///   25 − headroom`, with the fallback as the server derives it (its flag, or
+///   the fleet's rate ÷ `--expected-replicas`). The replicas the fleet
+///   usually runs (`--expected-replicas`) lie within the HPA's range.
 #[test]
 fn the_fleet_cannot_exceed_cognitos_quota_in_any_second() {
+    let quota = COGNITO_ACCOUNT_RPS - HEADROOM_RPS;
     for r in rendered() {
         let deployment = &r.one("Deployment")["spec"];
         let hpa = &r.one("HorizontalPodAutoscaler")["spec"];
@@ -263,18 +348,6 @@ fn the_fleet_cannot_exceed_cognitos_quota_in_any_second() {
                 r.name
             );
         }
-        let max_replicas = hpa["maxReplicas"].as_f64().expect("maxReplicas");
-        let max_surge = deployment["strategy"]["rollingUpdate"]["maxSurge"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{}: maxSurge as a number of pods", r.name));
-        let flag = |name: &str| {
-            r.config()[name]
-                .as_str()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("{}: the ConfigMap sets {name}", r.name))
-        };
-        let per_pod = flag("SESSION_RATE_LIMIT_RPS") + flag("SESSION_RATE_LIMIT_BURST");
-        let pods = max_replicas + max_surge + 3.0;
         let max_unavailable = r.one("PodDisruptionBudget")["spec"]["maxUnavailable"].as_u64();
         assert_eq!(
             max_unavailable,
@@ -282,18 +355,188 @@ fn the_fleet_cannot_exceed_cognitos_quota_in_any_second() {
             "{}: one eviction at a time",
             r.name
         );
+        let min_replicas = hpa["minReplicas"].as_u64().unwrap_or(1);
+        let max_replicas = hpa["maxReplicas"].as_u64().expect("maxReplicas");
+        let max_surge = deployment["strategy"]["rollingUpdate"]["maxSurge"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{}: maxSurge as a number of pods", r.name));
+        let pods = (max_replicas + max_surge + 3) as f64;
 
+        let config = r.server_config();
+        let budget = config.rate_limit_rps + f64::from(config.rate_limit_burst);
+        if config.redis.redis_url.is_none() {
+            println!(
+                "{}: ({max_replicas} + {max_surge} + 3) pods × {budget}/s = {}/s ≤ {quota}",
+                r.name,
+                pods * budget
+            );
+            assert!(
+                pods * budget <= quota,
+                "{}: {pods} pods × (rps + burst) {budget}/s exceeds {quota}/s",
+                r.name
+            );
+            continue;
+        }
+        let expected = u64::from(config.redis.expected_replicas);
+        assert!(
+            (min_replicas..=max_replicas).contains(&expected),
+            "{}: --expected-replicas {expected} outside the HPA's {min_replicas} to {max_replicas}",
+            r.name
+        );
+        let fallback_rate = config.redis.fallback_rate(config.rate_limit_rps);
+        let fallback = fallback_rate + f64::from(config.redis.fallback_rate_limit_burst);
+        let worst = budget + pods * fallback;
         println!(
-            "{}: ({max_replicas} + {max_surge} + 3) pods × {per_pod}/s = {}/s ≤ {COGNITO_ACCOUNT_RPS} − {HEADROOM_RPS}",
-            r.name,
-            pods * per_pod
+            "{}: fleet {budget}/s + ({max_replicas} + {max_surge} + 3) pods × fallback {fallback}/s \
+             = {worst}/s ≤ {quota}",
+            r.name
         );
         assert!(
-            pods * per_pod <= COGNITO_ACCOUNT_RPS - HEADROOM_RPS,
-            "{}: {pods} pods × (rps + burst) {per_pod}/s exceeds {}/s",
+            worst <= quota,
+            "{}: the fleet's rps + burst {budget}/s and {pods} pods in fallback at \
+             {fallback_rate}/s + burst {} exceed {quota}/s: lower --fallback-rate-limit-rps \
+             (or the fleet's rate)",
             r.name,
-            COGNITO_ACCOUNT_RPS - HEADROOM_RPS
+            config.redis.fallback_rate_limit_burst
         );
+    }
+}
+
+/// With the fleet's budget in Redis, the URL and the password come from a
+/// Secret (the password as a mounted file), never from the ConfigMap, and
+/// the NetworkPolicy lets the pods reach Redis.
+#[test]
+fn overlays_with_redis_take_it_from_a_secret_and_may_reach_it() {
+    let mut with_redis = Vec::new();
+    for r in rendered() {
+        if r.server_config().redis.redis_url.is_none() {
+            continue;
+        }
+        with_redis.push(r.name);
+        for env in [
+            "SESSION_REDIS_URL",
+            "SESSION_REDIS_PASSWORD",
+            "SESSION_REDIS_PASSWORD_FILE",
+        ] {
+            assert!(
+                !r.config().contains_key(env),
+                "{}: {env} belongs with the Secret, not in the ConfigMap",
+                r.name
+            );
+        }
+        let env = r.container()["env"].as_array().expect("env");
+        let named = |name: &str| env.iter().find(|e| e["name"] == name);
+        assert!(
+            named("SESSION_REDIS_URL").is_some_and(|e| e["valueFrom"]["secretKeyRef"].is_object()),
+            "{}: SESSION_REDIS_URL from a Secret",
+            r.name
+        );
+        assert!(
+            named("SESSION_REDIS_PASSWORD").is_none(),
+            "{}: the password as a file, not in the environment",
+            r.name
+        );
+        let password_file = named("SESSION_REDIS_PASSWORD_FILE")
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{}: SESSION_REDIS_PASSWORD_FILE", r.name));
+        let mount = r.container()["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| {
+                m["mountPath"]
+                    .as_str()
+                    .is_some_and(|dir| password_file.starts_with(&format!("{dir}/")))
+            })
+            .unwrap_or_else(|| panic!("{}: {password_file} is not mounted", r.name));
+        let volume = r.pod()["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("every mount has a volume");
+        assert!(
+            volume["secret"]["secretName"].is_string(),
+            "{}: {password_file} comes from a Secret",
+            r.name
+        );
+        let egress = r.one("NetworkPolicy")["spec"]["egress"]
+            .as_array()
+            .expect("egress rules");
+        assert!(
+            egress.iter().any(|rule| {
+                rule["ports"].as_array().is_some_and(|ports| {
+                    ports
+                        .iter()
+                        .any(|p| p["port"] == REDIS_PORT && p["protocol"] == "TCP")
+                })
+            }),
+            "{}: the NetworkPolicy lets the pods reach Redis on TCP {REDIS_PORT}",
+            r.name
+        );
+    }
+    assert!(
+        with_redis.contains(&"deploy/k8s/overlays/production"),
+        "the production overlay shares its budget through Redis; with Redis: {with_redis:?}"
+    );
+}
+
+/// kustomize's `includeSelectors` writes the app's labels into every
+/// selector, the NetworkPolicy's peers included (kube-dns, the callers),
+/// which then match nothing: DNS and every caller would be cut off.
+#[test]
+fn network_policy_peers_select_other_pods_than_ours() {
+    for r in rendered() {
+        let spec = &r.one("NetworkPolicy")["spec"];
+        let rules = |direction: &str, peers: &str| -> Vec<Value> {
+            spec[direction]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|rule| rule[peers].as_array().cloned().unwrap_or_default())
+                .collect()
+        };
+        for peer in rules("ingress", "from")
+            .iter()
+            .chain(&rules("egress", "to"))
+        {
+            assert_ne!(
+                peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "session-service",
+                "{}: a peer selects our own pods: {peer}",
+                r.name
+            );
+        }
+        assert!(
+            rules("egress", "to")
+                .iter()
+                .any(|peer| peer["podSelector"]["matchLabels"]
+                    == serde_json::json!({"k8s-app": "kube-dns"})),
+            "{}: DNS is reachable",
+            r.name
+        );
+    }
+}
+
+/// A Secret mounted with a mode that hides it from others (0400) is root's:
+/// the pod's user reads it only through `fsGroup`, which the kubelet gives
+/// the files (and makes them 0440).
+#[test]
+fn mounted_secrets_are_readable_by_the_pods_user() {
+    for r in rendered() {
+        let pod = &r.pod()["spec"];
+        for volume in pod["volumes"].as_array().into_iter().flatten() {
+            let secret = &volume["secret"];
+            if !secret.is_object() {
+                continue;
+            }
+            let mode = secret["defaultMode"].as_u64().unwrap_or(0o644);
+            assert!(
+                mode & 0o004 != 0 || pod["securityContext"]["fsGroup"].is_u64(),
+                "{}: Secret volume {} (mode {mode:o}) is unreadable by the pod's user without fsGroup",
+                r.name,
+                volume["name"]
+            );
+        }
     }
 }
 
@@ -353,8 +596,8 @@ fn every_selector_matches_the_pods() {
 }
 
 /// Writes the files the pod would see under its mounts into `root`: the
-/// rendered ConfigMaps' data, test certificates for the TLS Secret, a test
-/// key for the log-hash Secret.
+/// rendered ConfigMaps' data, test certificates for the TLS Secret, the
+/// stand-ins of [`TEST_SECRETS`] for the others.
 fn materialize_mounts(r: &Rendered, root: &Path) {
     let ca = crate::pki::TestCa::new("deploy test CA");
     let server = ca.server("session-service");
@@ -366,6 +609,7 @@ fn materialize_mounts(r: &Rendered, root: &Path) {
             .iter()
             .find(|v| v["name"] == mount["name"])
             .expect("every mount has a volume");
+        let secret = volume["secret"]["secretName"].as_str();
         let files: Vec<(String, String)> = if let Some(name) = volume["configMap"]["name"].as_str()
         {
             let data = r.named("ConfigMap", name)["data"]
@@ -374,14 +618,33 @@ fn materialize_mounts(r: &Rendered, root: &Path) {
             data.iter()
                 .map(|(k, v)| (k.clone(), v.as_str().expect("string").to_owned()))
                 .collect()
-        } else if volume["secret"]["secretName"] == "session-service-tls" {
+        } else if secret == Some("session-service-tls") {
             vec![
                 ("tls.crt".into(), server.cert_pem.clone()),
                 ("tls.key".into(), server.key_pem.clone()),
                 ("ca.crt".into(), ca.pem()),
             ]
+        } else if let Some(secret) = secret {
+            match volume["secret"]["items"].as_array() {
+                Some(items) => items
+                    .iter()
+                    .map(|item| {
+                        let key = item["key"].as_str().expect("item key");
+                        let path = item["path"].as_str().expect("item path");
+                        (path.to_owned(), test_secret(secret, key).to_owned())
+                    })
+                    .collect(),
+                None => TEST_SECRETS
+                    .iter()
+                    .filter(|(s, ..)| *s == secret)
+                    .map(|(_, key, value)| ((*key).to_owned(), (*value).to_owned()))
+                    .collect(),
+            }
         } else {
-            vec![("key".into(), "deploy-test-key".into())]
+            panic!(
+                "{}: volume {} is neither a ConfigMap nor a Secret",
+                r.name, volume["name"]
+            );
         };
         let dir = root.join(mount_path.trim_start_matches('/'));
         std::fs::create_dir_all(&dir).expect("mount dir");
@@ -396,17 +659,9 @@ fn the_server_accepts_every_rendered_configmap_with_its_mounted_files() {
     for r in rendered() {
         let root = crate::helpers::scratch_dir("deploy-mounts");
         materialize_mounts(&r, &root);
-        let explicit_env = r.container()["env"].as_array().cloned().unwrap_or_default();
         let env = r
-            .config()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_owned()))
-            .chain(explicit_env.iter().filter_map(|e| {
-                Some((
-                    e["name"].as_str()?.to_owned(),
-                    e["value"].as_str()?.to_owned(),
-                ))
-            }))
+            .env()
+            .into_iter()
             // Absolute paths are read under the materialized mounts.
             .map(|(k, v)| match v.strip_prefix('/') {
                 Some(path) => (k, root.join(path).display().to_string()),
