@@ -245,11 +245,10 @@ impl Redis {
         self.inner.manager.get().is_some()
     }
 
-    /// Resolves once the first connection is made (at once if it was).
-    pub async fn wait_connected(&self) {
-        let mut connected = self.inner.connected.subscribe();
-        // Err only if the sender is gone, and it lives as long as `self`.
-        let _ = connected.wait_for(|connected| *connected).await;
+    /// Turns true once, when the first connection is made. The receiver
+    /// does not keep the client alive.
+    pub fn connected_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.connected.subscribe()
     }
 
     /// Runs a script, bounded by `--redis-timeout`; `op` labels its metrics.
@@ -258,34 +257,51 @@ impl Redis {
         op: &'static str,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, RedisCallError> {
-        let result = self.call(op, invocation).await;
+        self.bounded(op, |mut connection| async move {
+            invocation.invoke_async(&mut connection).await
+        })
+        .await
+    }
+
+    /// PING, bounded by `--redis-timeout`: whether Redis answers now. Safe
+    /// to repeat, unlike a script call.
+    pub async fn ping(&self) -> Result<(), RedisCallError> {
+        self.bounded("ping", |mut connection| async move {
+            ::redis::cmd("PING")
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .await
+    }
+
+    /// One call on the shared connection: timed, bounded, its failure
+    /// classified and counted. A call that times out is dropped, not
+    /// re-sent.
+    async fn bounded<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, RedisCallError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = ::redis::RedisResult<T>>,
+    {
+        let result = match self.inner.manager.get() {
+            None => Err(RedisCallError::NotConnected),
+            Some(manager) => {
+                let started = tokio::time::Instant::now();
+                match tokio::time::timeout(self.inner.timeout, call(manager.clone())).await {
+                    Err(_) => Err(RedisCallError::Timeout(self.inner.timeout)),
+                    Ok(answer) => {
+                        self.inner
+                            .duration
+                            .with_label_values(&[op])
+                            .observe(started.elapsed().as_secs_f64());
+                        answer.map_err(RedisCallError::from_redis)
+                    }
+                }
+            }
+        };
         if let Err(error) = &result {
             self.inner.errors.with_label_values(&[error.kind()]).inc();
         }
         result
-    }
-
-    async fn call<T: FromRedisValue>(
-        &self,
-        op: &'static str,
-        invocation: &ScriptInvocation<'_>,
-    ) -> Result<T, RedisCallError> {
-        let mut connection = self
-            .inner
-            .manager
-            .get()
-            .ok_or(RedisCallError::NotConnected)?
-            .clone();
-        let started = tokio::time::Instant::now();
-        let answer =
-            tokio::time::timeout(self.inner.timeout, invocation.invoke_async(&mut connection))
-                .await
-                .map_err(|_| RedisCallError::Timeout(self.inner.timeout))?;
-        self.inner
-            .duration
-            .with_label_values(&[op])
-            .observe(started.elapsed().as_secs_f64());
-        answer.map_err(RedisCallError::from_redis)
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! Redis trouble never stops sign-outs and never lets the full rate
 //! through: on any failure this replica switches to its local budget at
-//! the fallback rate for a cool-down, then one request tries Redis again.
+//! the fallback rate, and a background PING after each cool-down decides
+//! when it goes back (requests never probe a Redis that just failed).
 //!
 //! What differs from the local budget: a reserved slot is final. When
 //! Cognito throttles, the script slows the slots it hands out from then on
@@ -14,7 +15,7 @@
 
 use std::{
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -22,7 +23,10 @@ use std::{
 
 use prometheus::{IntGaugeVec, Opts, Registry};
 use redis::Script;
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
 
 use super::{
     CallerCell, CallerCellName, CallerRateLimited, CallerRef, LocalBudget, RateLimitCause,
@@ -111,17 +115,10 @@ impl SharedBudget {
                 mode,
             }),
         };
-        // The mode says "shared" as soon as Redis is reachable, not only
-        // after the first sign-out; the task holds no reference, so a
-        // budget dropped before Redis comes up is not kept alive by it.
-        let redis = budget.inner.redis.clone();
-        let inner = Arc::downgrade(&budget.inner);
-        tokio::spawn(async move {
-            redis.wait_connected().await;
-            if let Some(inner) = inner.upgrade() {
-                inner.mode.connected();
-            }
-        });
+        tokio::spawn(watch_redis(
+            budget.inner.redis.connected_watch(),
+            Arc::downgrade(&budget.inner),
+        ));
         budget
     }
 
@@ -134,7 +131,7 @@ impl SharedBudget {
     ) -> Result<Reservation, Refusal> {
         let inner = &self.inner;
         let now = Instant::now();
-        if !inner.mode.try_shared(now, inner.redis.is_connected()) {
+        if !inner.mode.try_shared(inner.redis.is_connected()) {
             return inner.fallback.reserve(deadline, caller);
         }
         let latest = deadline.min(now + inner.settings.max_wait);
@@ -178,10 +175,7 @@ impl SharedBudget {
         else {
             return Ok(());
         };
-        if !inner
-            .mode
-            .try_shared(Instant::now(), inner.redis.is_connected())
-        {
+        if !inner.mode.try_shared(inner.redis.is_connected()) {
             return inner.fallback.charge_caller(caller);
         }
         match self.run(Op::Caller, Some(&cell), Duration::ZERO).await {
@@ -210,6 +204,11 @@ impl SharedBudget {
                 );
             }
         });
+    }
+
+    /// Whether requests now reserve in Redis (not the local fallback).
+    pub fn is_shared(&self) -> bool {
+        self.inner.mode.is_shared()
     }
 
     /// Permits per second now: the fleet's, or the fallback's when local.
@@ -300,24 +299,72 @@ fn milli(rate: f64) -> u64 {
     (rate * 1000.0) as u64
 }
 
-/// Shared or local, and when local, when Redis may be tried again.
+/// Marks the budget shared once Redis is first reached, then, whenever a
+/// call failed, probes Redis with PING after each cool-down and marks it
+/// shared again when it answers. Requests never probe: a hung Redis costs
+/// one request per replica a timeout, not one per cool-down. Holds no
+/// reference to the budget while it waits.
+async fn watch_redis(mut connected: watch::Receiver<bool>, budget: Weak<Inner>) {
+    if connected.wait_for(|connected| *connected).await.is_err() {
+        return; // the client is gone
+    }
+    let Some(mut modes) = budget.upgrade().map(|inner| {
+        inner.mode.connected();
+        inner.mode.state.subscribe()
+    }) else {
+        return;
+    };
+    loop {
+        let retry_at = match modes.wait_for(|mode| matches!(mode, Mode::Local { .. })).await {
+            Ok(mode) => match *mode {
+                Mode::Local { retry_at } => retry_at,
+                _ => unreachable!("waited for local"),
+            },
+            Err(_) => return, // the budget is gone
+        };
+        tokio::time::sleep_until(retry_at).await;
+        let Some(inner) = budget.upgrade() else {
+            return;
+        };
+        if !inner.mode.due(Instant::now()) {
+            continue; // shared again, or a later failure moved the probe
+        }
+        match probe(&inner.redis).await {
+            Ok(()) => inner.mode.shared_works(),
+            Err(error) => inner
+                .mode
+                .failed(Instant::now(), &error, inner.fallback.current_rate()),
+        }
+    }
+}
+
+/// Whether Redis answers. The connection manager keeps the failure of a
+/// reconnection it tried while Redis was down and hands it to the next
+/// call, which starts a new one: so a connection error is asked again once
+/// (PING is safe to repeat).
+async fn probe(redis: &Redis) -> Result<(), RedisCallError> {
+    match redis.ping().await {
+        Err(RedisCallError::Connection(_)) => redis.ping().await,
+        answered => answered,
+    }
+}
+
+/// Shared or local, and when local, when Redis is probed again.
 #[derive(Debug)]
 struct ModeSwitch {
-    state: Mutex<Mode>,
+    state: watch::Sender<Mode>,
     cooldown: Duration,
     gauge: IntGaugeVec,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Mode {
-    /// No answer from Redis yet: local until connected, then every request
-    /// asks Redis (none leaks into the fallback while the first is asked).
+    /// Not connected yet: local until connected, then every request asks
+    /// Redis (none leaks into the fallback while the first is asked).
     Starting,
     Shared,
-    /// Until `retry_at`; then one request tries Redis again.
-    Local {
-        retry_at: Instant,
-    },
+    /// Until Redis answers a probe, made at `retry_at`.
+    Local { retry_at: Instant },
 }
 
 impl ModeSwitch {
@@ -326,53 +373,50 @@ impl ModeSwitch {
         gauge.with_label_values(&["shared"]).set(0);
         gauge.with_label_values(&["local"]).set(1);
         Self {
-            state: Mutex::new(Mode::Starting),
+            state: watch::Sender::new(Mode::Starting),
             cooldown,
             gauge,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Mode> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn is_shared(&self) -> bool {
-        matches!(*self.lock(), Mode::Shared)
+        matches!(*self.state.borrow(), Mode::Shared)
     }
 
-    /// Whether this request should ask Redis. In local mode, once the
-    /// cool-down is over, exactly one request does (the others stay local
-    /// for another cool-down unless it succeeds), so a hung Redis costs one
-    /// request a timeout per cool-down, not every request.
-    fn try_shared(&self, now: Instant, connected: bool) -> bool {
-        let mut mode = self.lock();
-        match *mode {
+    /// Whether this request should ask Redis.
+    fn try_shared(&self, connected: bool) -> bool {
+        match *self.state.borrow() {
             Mode::Shared => true,
             Mode::Starting => connected,
-            Mode::Local { retry_at } if connected && now >= retry_at => {
-                *mode = Mode::Local {
-                    retry_at: now + self.cooldown,
-                };
-                true
-            }
             Mode::Local { .. } => false,
         }
     }
 
+    /// Local, and the cool-down is over: time to probe.
+    fn due(&self, now: Instant) -> bool {
+        matches!(*self.state.borrow(), Mode::Local { retry_at } if now >= retry_at)
+    }
+
     /// The first connection was made: shared, unless a call already
-    /// failed meanwhile (then the cool-down decides).
+    /// failed meanwhile (then the probe decides).
     fn connected(&self) {
-        let mut mode = self.lock();
-        if matches!(*mode, Mode::Starting) {
-            self.become_shared(&mut mode);
-        }
+        self.state.send_if_modified(|mode| {
+            let starting = matches!(mode, Mode::Starting);
+            if starting {
+                self.become_shared(mode);
+            }
+            starting
+        });
     }
 
     fn shared_works(&self) {
-        let mut mode = self.lock();
-        if !matches!(*mode, Mode::Shared) {
-            self.become_shared(&mut mode);
-        }
+        self.state.send_if_modified(|mode| {
+            let changed = !matches!(mode, Mode::Shared);
+            if changed {
+                self.become_shared(mode);
+            }
+            changed
+        });
     }
 
     fn become_shared(&self, mode: &mut Mode) {
@@ -382,23 +426,26 @@ impl ModeSwitch {
         tracing::info!("rate budget: shared (Redis)");
     }
 
+    /// A call or a probe failed: local for a cool-down. Logged only when
+    /// it ends the shared mode, so an outage is one line, not one a probe.
     fn failed(&self, now: Instant, error: &RedisCallError, fallback_rate: f64) {
-        let mut mode = self.lock();
-        let was_shared = matches!(*mode, Mode::Shared);
-        *mode = Mode::Local {
-            retry_at: now + self.cooldown,
-        };
-        if was_shared {
-            self.gauge.with_label_values(&["shared"]).set(0);
-            self.gauge.with_label_values(&["local"]).set(1);
-            tracing::warn!(
-                %error,
-                kind = error.kind(),
-                fallback_rate_per_sec = fallback_rate,
-                cooldown = ?self.cooldown,
-                "rate budget: Redis unavailable, local fallback"
-            );
-        }
+        self.state.send_modify(|mode| {
+            let was_shared = matches!(mode, Mode::Shared);
+            *mode = Mode::Local {
+                retry_at: now + self.cooldown,
+            };
+            if was_shared {
+                self.gauge.with_label_values(&["shared"]).set(0);
+                self.gauge.with_label_values(&["local"]).set(1);
+                tracing::warn!(
+                    %error,
+                    kind = error.kind(),
+                    fallback_rate_per_sec = fallback_rate,
+                    cooldown = ?self.cooldown,
+                    "rate budget: Redis unavailable, local fallback"
+                );
+            }
+        });
     }
 }
 
@@ -427,31 +474,26 @@ mod tests {
     }
 
     #[test]
-    fn local_until_connected_then_one_probe_per_cooldown_after_a_failure() {
+    fn local_until_connected_and_after_a_failure_until_a_probe_answers() {
         let switch = ModeSwitch::new(Duration::from_secs(5), &Registry::new());
         let start = Instant::now();
-        assert!(!switch.try_shared(start, false), "local while connecting");
+        assert!(!switch.try_shared(false), "local while connecting");
         assert_eq!(gauge(&switch), (0, 1));
         switch.connected();
-        assert!(switch.try_shared(start, true));
+        assert!(switch.try_shared(true));
         assert_eq!(gauge(&switch), (1, 0), "shared once connected");
 
         switch.failed(start, &RedisCallError::NotConnected, 1.0);
         assert_eq!(gauge(&switch), (0, 1));
-        let before = start + Duration::from_millis(4_999);
-        assert!(!switch.try_shared(before, true), "local for the cool-down");
+        assert!(!switch.try_shared(true), "requests never probe");
+        assert!(!switch.due(start + Duration::from_millis(4_999)));
         let after = start + Duration::from_secs(5);
-        assert!(switch.try_shared(after, true), "one request probes");
-        assert!(
-            !switch.try_shared(after, true),
-            "the others stay local while it does"
-        );
+        assert!(switch.due(after), "the probe is due after the cool-down");
         switch.failed(after, &RedisCallError::NotConnected, 1.0);
-        assert!(!switch.try_shared(after + Duration::from_millis(4_999), true));
-        let again = after + Duration::from_secs(5);
-        assert!(switch.try_shared(again, true), "the next probe");
+        assert!(!switch.due(after + Duration::from_millis(4_999)), "a failed probe waits again");
+        assert!(!switch.try_shared(true));
         switch.shared_works();
-        assert!(switch.try_shared(again, true) && switch.try_shared(again, true));
+        assert!(switch.try_shared(true) && !switch.due(after + Duration::from_secs(60)));
         assert_eq!(gauge(&switch), (1, 0));
     }
 
@@ -462,7 +504,7 @@ mod tests {
         switch.failed(start, &RedisCallError::NotConnected, 1.0);
         switch.connected();
         assert!(
-            !switch.try_shared(start, true),
+            !switch.try_shared(true),
             "a late announcement does not cut the cool-down short"
         );
         assert_eq!(gauge(&switch), (0, 1));

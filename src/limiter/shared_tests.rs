@@ -19,34 +19,26 @@ struct TestRedis {
 
 impl TestRedis {
     fn start() -> Self {
-        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .expect("a free port")
                 .port();
-            let mut child = Command::new(&binary)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("redis-server is required (scripts/test installs it): {e}")
-                });
-            for _ in 0..100 {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Self { child, port };
-                }
-                if child.try_wait().ok().flatten().is_some() {
-                    break; // the port was taken meanwhile: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if let Some(child) = spawn_on(port) {
+                return Self { child, port };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("redis-server did not start");
+    }
+
+    /// SIGKILL, then a new empty server on the same port.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.child = spawn_on(self.port).expect("redis-server restarts on its port");
     }
 
     async fn connection(&self) -> MultiplexedConnection {
@@ -56,6 +48,31 @@ impl TestRedis {
             .await
             .expect("connected")
     }
+}
+
+/// A redis-server on `port`, once it accepts connections; `None` if it
+/// exited (the port was taken meanwhile).
+fn spawn_on(port: u16) -> Option<Child> {
+    let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let mut child = Command::new(&binary)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("redis-server is required (scripts/test installs it): {e}"));
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(child);
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 impl Drop for TestRedis {
@@ -249,5 +266,111 @@ async fn after_script_flush_the_script_is_loaded_again() {
         cells.reserve(0).await.0,
         1,
         "NOSCRIPT, then loaded and run once"
+    );
+}
+
+/// A budget of the service's own on `redis`, with a short cool-down.
+async fn shared_budget(
+    redis: &TestRedis,
+    cooldown: Duration,
+    registry: &prometheus::Registry,
+) -> crate::limiter::SharedBudget {
+    use crate::{
+        limiter::{BudgetSettings, CallerSettings, LocalBudget, SharedBudget, SharedSettings},
+        redis::{Redis, RedisSettings, RedisUrl},
+    };
+    let client = Redis::connect(
+        &RedisSettings {
+            url: RedisUrl::parse(&format!("redis://127.0.0.1:{}", redis.port)).expect("url"),
+            password: None,
+            ca_file: None,
+            timeout: Duration::from_secs(1),
+            reconnect_every: cooldown,
+        },
+        registry,
+        vec![super::budget_script()],
+    )
+    .expect("client");
+    let settings = BudgetSettings {
+        rate_per_sec: 100.0,
+        burst: 10,
+        max_queue: 10,
+        max_wait: Duration::from_secs(1),
+    };
+    let fallback = LocalBudget::start(settings.clone(), CallerSettings::default());
+    SharedBudget::new(
+        client,
+        SharedSettings {
+            rate_per_sec: 100.0,
+            burst: 10,
+            max_queue: 10,
+            max_wait: Duration::from_secs(1),
+            cooldown,
+            key_prefix: "t".into(),
+        },
+        fallback,
+        registry,
+    )
+}
+
+/// `session_redis_errors_total`, all kinds.
+fn redis_errors(registry: &prometheus::Registry) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "session_redis_errors_total")
+        .flat_map(|family| family.get_metric())
+        .map(|metric| metric.get_counter().get_value())
+        .sum()
+}
+
+/// Polls `ready` every 10 ms for at most `limit`; how long it took.
+async fn within(limit: Duration, ready: impl Fn() -> bool) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if ready() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn after_an_outage_the_first_probe_once_redis_is_back_makes_the_budget_shared() {
+    let mut redis = TestRedis::start();
+    let cooldown = Duration::from_secs(1);
+    let registry = prometheus::Registry::new();
+    let budget = shared_budget(&redis, cooldown, &registry).await;
+    let shared = || budget.is_shared();
+    assert!(
+        within(Duration::from_secs(5), shared).await.is_some(),
+        "shared once connected, before any request"
+    );
+    let deadline = || tokio::time::Instant::now() + Duration::from_secs(1);
+    budget.reserve(deadline(), None).await.expect("a slot");
+
+    redis.kill();
+    // The call that finds Redis gone falls back: the sign-out still has a slot.
+    budget.reserve(deadline(), None).await.expect("a local slot");
+    assert!(!budget.is_shared());
+    // Let a probe fail during the outage, and restart Redis just after it:
+    // the next probe comes one cool-down later. The connection manager
+    // hands that probe the failure of a reconnection it tried while Redis
+    // was down; a probe that gave up on it would leave the budget local
+    // for a second cool-down.
+    let failed = redis_errors(&registry);
+    let probed = within(Duration::from_secs(5), || redis_errors(&registry) > failed).await;
+    assert!(probed.is_some(), "a probe during the outage");
+    // After redis-rs's own retry of the reconnection that probe started
+    // (within 200 ms), which would otherwise find Redis back by itself.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!budget.is_shared(), "still local while Redis is down");
+    redis.restart();
+    let back = within(Duration::from_secs(5), shared).await;
+    let back = back.expect("shared again, with no request asking");
+    assert!(
+        back < cooldown * 3 / 2,
+        "the first probe after the restart found Redis: {back:?} (cool-down {cooldown:?})"
     );
 }
