@@ -42,8 +42,8 @@ pub struct RedisConfig {
     pub redis_timeout: Duration,
 
     /// After a Redis failure, how long this replica uses its fallback budget
-    /// before one request tries Redis again; also the pause between
-    /// connection attempts while Redis is down.
+    /// before a PING tries Redis again (requests do not); also the pause
+    /// between connection attempts while Redis is down at start.
     #[arg(long, env = "SESSION_REDIS_COOLDOWN", default_value = "5s", value_name = "DURATION", value_parser = super::parse_duration)]
     pub redis_cooldown: Duration,
 
