@@ -79,6 +79,11 @@ impl SignOutUpstream for FakeUpstream {
 /// A flow at `rate`/s with burst 1 and no retries, its burst already spent,
 /// so the next permit is one interval away.
 async fn flow_with_spent_burst(upstream: Arc<FakeUpstream>, rate: f64) -> SignOutFlow {
+    single_attempt_flow(upstream, Budget::Local(spent_budget(rate).await))
+}
+
+/// A budget at `rate`/s with burst 1, the burst already taken.
+async fn spent_budget(rate: f64) -> LocalBudget {
     let budget = LocalBudget::start(
         BudgetSettings {
             rate_per_sec: rate,
@@ -92,9 +97,14 @@ async fn flow_with_spent_burst(upstream: Arc<FakeUpstream>, rate: f64) -> SignOu
         .acquire(Instant::now() + Duration::from_secs(1))
         .await
         .expect("the burst");
+    budget
+}
+
+/// A flow on `budget` with no retries.
+fn single_attempt_flow(upstream: Arc<FakeUpstream>, budget: Budget) -> SignOutFlow {
     SignOutFlow::new(
         upstream,
-        Budget::Local(budget),
+        budget,
         10,
         RetrySettings {
             max_attempts: 1,
@@ -523,34 +533,12 @@ async fn flow_with_slow_budget(
     delay: Duration,
     answer_delays: &[Duration],
 ) -> SignOutFlow {
-    let local = LocalBudget::start(
-        BudgetSettings {
-            rate_per_sec: 10.0,
-            burst: 1,
-            max_queue: 100,
-            max_wait: Duration::from_secs(10),
-        },
-        CallerSettings::default(),
-    );
-    local
-        .acquire(Instant::now() + Duration::from_secs(1))
-        .await
-        .expect("the burst");
-    let answer_delays = Arc::new(Mutex::new(answer_delays.iter().copied().collect()));
-    SignOutFlow::new(
-        upstream,
-        Budget::Delayed {
-            local,
-            delay,
-            answer_delays,
-        },
-        10,
-        RetrySettings {
-            max_attempts: 1,
-            initial_backoff: MS,
-        },
-        Arc::new(Metrics::new()),
-    )
+    let budget = Budget::Delayed {
+        local: spent_budget(10.0).await,
+        delay,
+        answer_delays: Arc::new(Mutex::new(answer_delays.iter().copied().collect())),
+    };
+    single_attempt_flow(upstream, budget)
 }
 
 #[tokio::test(start_paused = true)]
