@@ -18,6 +18,7 @@ use ::redis::{
     Client, ConnectionInfo, FromRedisValue, IntoConnectionInfo, Script, ScriptInvocation,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
+use arc_swap::ArcSwapOption;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tokio_util::task::AbortOnDropHandle;
 
@@ -36,15 +37,32 @@ pub struct RedisUrl(String);
 
 impl RedisUrl {
     /// Accepts what redis-rs can connect to over TCP, with or without TLS.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err("expected redis://HOST:PORT or rediss://HOST:PORT".into());
+    /// The error never quotes the URL: it may hold a password.
+    pub fn parse(url: &str) -> Result<Self, RedisSetupError> {
+        let url = Self::unchecked(url);
+        url.check()?;
+        Ok(url)
+    }
+
+    /// Takes the text as given, for a command-line parser whose own error
+    /// would print it; [`RedisUrl::check`] it before use.
+    pub fn unchecked(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+
+    /// Whether redis-rs can connect to it.
+    pub fn check(&self) -> Result<(), RedisSetupError> {
+        if !(self.0.starts_with("redis://") || self.0.starts_with("rediss://")) {
+            return Err(RedisSetupError::InvalidUrl(
+                "expected redis://HOST:PORT or rediss://HOST:PORT",
+            ));
         }
         // The library's own parser decides; its message may quote the URL,
         // so it is not passed on.
-        url.into_connection_info()
-            .map_err(|_| "not a valid Redis URL (redis://[:PASSWORD@]HOST[:PORT][/DB])")?;
-        Ok(Self(url.to_owned()))
+        self.0.as_str().into_connection_info().map_err(|_| {
+            RedisSetupError::InvalidUrl("expected redis://[:PASSWORD@]HOST[:PORT][/DB]")
+        })?;
+        Ok(())
     }
 
     fn is_tls(&self) -> bool {
@@ -102,6 +120,17 @@ pub enum RedisSetupError {
         /// Why.
         source: std::io::Error,
     },
+    /// `--redis-url` is not one redis-rs can use (the URL is not quoted).
+    #[error("--redis-url is not a valid Redis URL: {0}")]
+    InvalidUrl(&'static str),
+    /// `--redis-password-file` could not be read.
+    #[error("cannot read --redis-password-file {path}: {source}")]
+    PasswordFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// `--redis-ca-file` given with a `redis://` URL.
     #[error("--redis-ca-file needs a rediss:// URL")]
     CaWithoutTls,
@@ -119,6 +148,9 @@ pub enum RedisCallError {
     /// No answer within `--redis-timeout`; the call may have run.
     #[error("no answer from Redis within {0:?}")]
     Timeout(Duration),
+    /// redis-rs gave up waiting (connecting, or a reconnection it made).
+    #[error("Redis timed out: {0}")]
+    ClientTimeout(::redis::RedisError),
     /// The connection failed or dropped.
     #[error("Redis connection error: {0}")]
     Connection(::redis::RedisError),
@@ -135,7 +167,7 @@ impl RedisCallError {
         use ::redis::{ErrorKind, ServerErrorKind};
         if error.is_timeout() {
             // redis-rs's own timeouts (connecting) count as ours.
-            return Self::Timeout(Duration::ZERO);
+            return Self::ClientTimeout(error);
         }
         if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal() {
             return Self::Connection(error);
@@ -155,7 +187,7 @@ impl RedisCallError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::NotConnected | Self::Connection(_) => "connection",
-            Self::Timeout(_) => "timeout",
+            Self::Timeout(_) | Self::ClientTimeout(_) => "timeout",
             Self::Script(_) => "script",
             Self::Other(_) => "other",
         }
@@ -172,11 +204,22 @@ pub struct Redis {
     inner: Arc<Inner>,
 }
 
+/// A connection of its own (its own DNS lookup, TCP, TLS and AUTH), made to
+/// find out whether Redis works before the replica relies on it again.
+#[derive(Debug)]
+pub struct FreshConnection(ConnectionManager);
+
 #[derive(Debug)]
 struct Inner {
-    manager: OnceLock<ConnectionManager>,
-    /// Becomes true once, when `manager` is set.
+    /// The connection every call uses; replaced when a probe's fresh one
+    /// works, so a connection that died silently (no reset, no answer) is
+    /// not kept for ever.
+    manager: ArcSwapOption<ConnectionManager>,
+    /// Becomes true once, when the first connection is made.
     connected: tokio::sync::watch::Sender<bool>,
+    client: Client,
+    config: ConnectionManagerConfig,
+    connect_timeout: Duration,
     timeout: Duration,
     duration: HistogramVec,
     errors: IntCounterVec,
@@ -219,10 +262,19 @@ impl Redis {
         // first registration; the counters then only count that one.
         let _ = registry.register(Box::new(duration.clone()));
         let _ = registry.register(Box::new(errors.clone()));
+        // Connecting (TCP, TLS, AUTH) takes longer than a call; the call
+        // timeout still bounds every request that waits on a reconnection.
+        let connect_timeout = settings.reconnect_every.min(Duration::from_secs(5));
         let redis = Self {
             inner: Arc::new(Inner {
-                manager: OnceLock::new(),
+                manager: ArcSwapOption::empty(),
                 connected: tokio::sync::watch::Sender::new(false),
+                client,
+                config: ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(settings.reconnect_every),
+                connect_timeout,
                 timeout: settings.timeout,
                 duration,
                 errors,
@@ -230,7 +282,6 @@ impl Redis {
             }),
         };
         let task = tokio::spawn(connect_until_connected(
-            client,
             settings.reconnect_every,
             preload,
             Arc::downgrade(&redis.inner),
@@ -242,7 +293,35 @@ impl Redis {
     /// True once the first connection was made (it reconnects by itself
     /// after that).
     pub fn is_connected(&self) -> bool {
-        self.inner.manager.get().is_some()
+        self.inner.manager.load().is_some()
+    }
+
+    /// A new connection, not yet used by anyone else; bounded by the
+    /// connect timeout (`--redis-cooldown`, at most 5 s).
+    pub async fn connect_anew(&self) -> Result<FreshConnection, RedisCallError> {
+        let inner = &self.inner;
+        let made = tokio::time::timeout(
+            inner.connect_timeout,
+            inner
+                .client
+                .get_connection_manager_with_config(inner.config.clone()),
+        )
+        .await;
+        let result = match made {
+            Err(_) => Err(RedisCallError::Timeout(inner.connect_timeout)),
+            Ok(made) => made
+                .map(FreshConnection)
+                .map_err(RedisCallError::from_redis),
+        };
+        if let Err(error) = &result {
+            inner.errors.with_label_values(&[error.kind()]).inc();
+        }
+        result
+    }
+
+    /// Every call from now on uses `connection`.
+    pub fn adopt(&self, connection: FreshConnection) {
+        self.inner.manager.store(Some(Arc::new(connection.0)));
     }
 
     /// Turns true once, when the first connection is made. The receiver
@@ -257,46 +336,46 @@ impl Redis {
         op: &'static str,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, RedisCallError> {
-        self.bounded(op, |mut connection| async move {
-            invocation.invoke_async(&mut connection).await
-        })
-        .await
+        let Some(manager) = self.inner.manager.load_full() else {
+            self.inner.errors.with_label_values(&["connection"]).inc();
+            return Err(RedisCallError::NotConnected);
+        };
+        self.bounded(op, ConnectionManager::clone(&manager), invocation)
+            .await
     }
 
-    /// PING, bounded by `--redis-timeout`: whether Redis answers now. Safe
-    /// to repeat, unlike a script call.
-    pub async fn ping(&self) -> Result<(), RedisCallError> {
-        self.bounded("ping", |mut connection| async move {
-            ::redis::cmd("PING")
-                .query_async::<()>(&mut connection)
-                .await
-        })
-        .await
+    /// Runs a script on `connection` rather than the shared one.
+    pub async fn run_script_on<T: FromRedisValue>(
+        &self,
+        connection: &FreshConnection,
+        op: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, RedisCallError> {
+        self.bounded(op, connection.0.clone(), invocation).await
     }
 
-    /// One call on the shared connection: timed, bounded, its failure
-    /// classified and counted. A call that times out is dropped, not
-    /// re-sent.
-    async fn bounded<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, RedisCallError>
-    where
-        F: FnOnce(ConnectionManager) -> Fut,
-        Fut: std::future::Future<Output = ::redis::RedisResult<T>>,
-    {
-        let result = match self.inner.manager.get() {
-            None => Err(RedisCallError::NotConnected),
-            Some(manager) => {
-                let started = tokio::time::Instant::now();
-                match tokio::time::timeout(self.inner.timeout, call(manager.clone())).await {
-                    Err(_) => Err(RedisCallError::Timeout(self.inner.timeout)),
-                    Ok(answer) => {
-                        self.inner
-                            .duration
-                            .with_label_values(&[op])
-                            .observe(started.elapsed().as_secs_f64());
-                        answer.map_err(RedisCallError::from_redis)
-                    }
-                }
-            }
+    /// One script call: timed, bounded, its failure classified and counted.
+    /// A call that times out is dropped, not re-sent (it may have run); the
+    /// only resend is redis-rs's own after NOSCRIPT, which means the script
+    /// did not run.
+    async fn bounded<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        mut connection: ConnectionManager,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, RedisCallError> {
+        let started = tokio::time::Instant::now();
+        let answer =
+            tokio::time::timeout(self.inner.timeout, invocation.invoke_async(&mut connection))
+                .await;
+        // Timeouts are observed too: a slow Redis shows in the histogram.
+        self.inner
+            .duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        let result = match answer {
+            Err(_) => Err(RedisCallError::Timeout(self.inner.timeout)),
+            Ok(answer) => answer.map_err(RedisCallError::from_redis),
         };
         if let Err(error) = &result {
             self.inner.errors.with_label_values(&[error.kind()]).inc();
@@ -307,6 +386,7 @@ impl Redis {
 
 /// Checks the settings without connecting (reads the CA file).
 pub fn check(settings: &RedisSettings) -> Result<(), RedisSetupError> {
+    settings.url.check()?;
     client(settings).map(|_| ())
 }
 
@@ -343,51 +423,44 @@ fn client(settings: &RedisSettings) -> Result<Client, RedisSetupError> {
 }
 
 /// Connects, retrying every `reconnect_every` while Redis cannot be
-/// reached, then hands the connection manager over (it reconnects by itself
-/// from then on) and ends.
+/// reached, then hands the connection over and ends (the connection
+/// manager reconnects by itself from then on, and probes replace it).
 async fn connect_until_connected(
-    client: Client,
     reconnect_every: Duration,
     preload: Vec<Script>,
     inner: std::sync::Weak<Inner>,
 ) {
-    // Connecting (TCP, TLS, AUTH) takes longer than a call; the call
-    // timeout still bounds every request that waits on a reconnection.
-    let connect_timeout = reconnect_every.min(Duration::from_secs(5));
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(connect_timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(reconnect_every);
     let mut logged = false;
     loop {
-        match client
-            .get_connection_manager_with_config(config.clone())
-            .await
-        {
-            Ok(mut manager) => {
+        let Some(redis) = inner.upgrade().map(|inner| Redis { inner }) else {
+            return;
+        };
+        match redis.connect_anew().await {
+            Ok(FreshConnection(mut manager)) => {
                 for script in &preload {
                     // A failure here costs only the first call's NOSCRIPT.
-                    let _ = tokio::time::timeout(connect_timeout, script.load_async(&mut manager))
-                        .await;
+                    let _ = tokio::time::timeout(
+                        redis.inner.connect_timeout,
+                        script.load_async(&mut manager),
+                    )
+                    .await;
                 }
-                if let Some(inner) = inner.upgrade() {
-                    let _ = inner.manager.set(manager);
-                    inner.connected.send_replace(true);
-                    tracing::info!("connected to Redis");
-                }
+                redis.adopt(FreshConnection(manager));
+                redis.inner.connected.send_replace(true);
+                tracing::info!("connected to Redis");
                 return;
             }
-            Err(error) => {
-                if !logged {
-                    tracing::warn!(
-                        error = %RedisCallError::from_redis(error),
-                        retry_every = ?reconnect_every,
-                        "cannot connect to Redis; retrying in the background"
-                    );
-                    logged = true;
-                }
+            Err(error) if !logged => {
+                tracing::warn!(
+                    %error,
+                    retry_every = ?reconnect_every,
+                    "cannot connect to Redis; retrying in the background"
+                );
+                logged = true;
             }
+            Err(_) => {}
         }
+        drop(redis);
         tokio::time::sleep(reconnect_every).await;
     }
 }
@@ -402,6 +475,8 @@ mod tests {
         assert!(url.is_tls());
         assert!(!format!("{url:?}").contains("s3cret"));
         assert!(RedisUrl::parse("http://cache.example").is_err());
+        let bad = RedisUrl::parse("redis://:s3cret@cache:notaport").expect_err("no port");
+        assert!(!bad.to_string().contains("s3cret"), "{bad}");
         let password = RedisPassword::new("hunter2\n");
         assert_eq!(
             password.0, "hunter2",

@@ -85,10 +85,7 @@ pub fn check(config: &Config, sdk_config: &SdkConfig) -> Result<Checked, Startup
     if policy.is_some() && !verifies_callers {
         return Err(StartupError::PolicyWithoutIdentity);
     }
-    let redis = config
-        .redis
-        .settings()
-        .map_err(StartupError::RedisPasswordFile)?;
+    let redis = config.redis.settings()?;
     if let Some(settings) = &redis {
         crate::redis::check(settings)?;
     }

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use crate::redis::{RedisPassword, RedisSettings, RedisUrl};
+use crate::redis::{RedisPassword, RedisSettings, RedisSetupError, RedisUrl};
 
 /// A Redis call is on the request path: more than this is not "short".
 const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,7 +18,9 @@ pub struct RedisConfig {
     /// When set, --rate-limit-rps, --rate-limit-burst and the per-caller
     /// rates are the whole fleet's, shared by every replica. Unset: each
     /// process has its own budget. Never logged.
-    #[arg(long, env = "SESSION_REDIS_URL", value_name = "URL", value_parser = RedisUrl::parse, hide_env_values = true)]
+    // Checked at start, not by clap, whose error would print the URL.
+    #[arg(long, env = "SESSION_REDIS_URL", value_name = "URL", hide_env_values = true,
+          value_parser = |v: &str| Ok::<_, String>(RedisUrl::unchecked(v)))]
     pub redis_url: Option<RedisUrl>,
 
     /// Redis password, replacing the URL's (e.g. from a Secret).
@@ -73,19 +75,18 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The connection settings, when a Redis URL is set; reads the password
-    /// file.
-    pub fn settings(&self) -> Result<Option<RedisSettings>, std::io::Error> {
+    /// The connection settings, when a Redis URL is set: the URL checked,
+    /// the password file read.
+    pub fn settings(&self) -> Result<Option<RedisSettings>, RedisSetupError> {
         let Some(url) = &self.redis_url else {
             return Ok(None);
         };
+        url.check()?;
         let password = match &self.redis_password_file {
             Some(path) => Some(RedisPassword::new(&std::fs::read_to_string(path).map_err(
-                |e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("--redis-password-file {}: {e}", path.display()),
-                    )
+                |source| RedisSetupError::PasswordFile {
+                    path: path.clone(),
+                    source,
                 },
             )?)),
             None => self.redis_password.clone(),

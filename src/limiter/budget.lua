@@ -1,7 +1,7 @@
 -- One fleet-wide reservation against Cognito's quota (GCRA), on Redis's clock.
 -- KEYS[1] budget cell (hash: tat, iv)   KEYS[2] throttle (hash: rate, at)
 -- KEYS[3] caller cell (hash: tat, iv), optional
--- ARGV: mode ("reserve" | "throttled" | "caller"), rate, burst, max_wait_us,
+-- ARGV: mode ("reserve" | "caller" | "throttled" | "probe": writes nothing), rate, burst, max_wait_us,
 --       caller_rate, caller_burst
 -- Times are microseconds on Redis's TIME. Returns {granted, wait_us, cause, rate_milli}.
 local mode = ARGV[1]
@@ -33,6 +33,10 @@ end
 local function store(key, tat, iv)
   redis.call('HSET', key, 'tat', string.format('%.0f', tat), 'iv', string.format('%.6f', iv))
   redis.call('PEXPIRE', key, math.max(1, math.ceil((tat - now) / 1000)) + 1000)
+end
+
+if mode == 'probe' then
+  return {1, 0, 'probe', math.floor(current_rate() * 1000)}
 end
 
 if mode == 'throttled' then

@@ -22,7 +22,7 @@ use std::{
 };
 
 use prometheus::{IntGaugeVec, Opts, Registry};
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 use tokio::{
     sync::{Semaphore, watch},
     time::Instant,
@@ -79,6 +79,8 @@ enum Op {
     Caller,
     /// Cognito throttled: lower the fleet's rate.
     Throttled,
+    /// Whether the script runs (after a failure); writes nothing.
+    Probe,
 }
 
 impl Op {
@@ -87,6 +89,7 @@ impl Op {
             Self::Reserve => "reserve",
             Self::Caller => "caller",
             Self::Throttled => "throttled",
+            Self::Probe => "probe",
         }
     }
 }
@@ -135,16 +138,16 @@ impl SharedBudget {
             return inner.fallback.reserve(deadline, caller);
         }
         let latest = deadline.min(now + inner.settings.max_wait);
-        // A full queue costs Redis nothing; a place is given back if the
-        // permit comes at once.
-        let Ok(place) = inner.queue.clone().try_acquire_owned() else {
-            return Err(Refusal::Budget(RateLimited {
-                retry_after: self.estimated_wait(),
-                cause: RateLimitCause::QueueFull,
-            }));
+        // A place in the queue lets the request wait for a later slot;
+        // without one (the queue is full, or --max-queue is 0) it may still
+        // take a slot free now, and the script's refusal says when one
+        // comes. A place is given back if the slot is now.
+        let place = inner.queue.clone().try_acquire_owned().ok();
+        let max_wait = match place {
+            Some(_) => latest.saturating_duration_since(now),
+            None => Duration::ZERO,
         };
         let cell = caller.and_then(|c| inner.fallback.callers().shared_cell(c.id, c.verified));
-        let max_wait = latest.saturating_duration_since(now);
         let answer = match self.run(Op::Reserve, cell.as_ref(), max_wait).await {
             Ok(answer) => answer,
             Err(_) => return inner.fallback.reserve(deadline, caller),
@@ -152,15 +155,21 @@ impl SharedBudget {
         let received = Instant::now();
         let (granted, wait_us, cause, _) = answer;
         let wait = Duration::from_micros(u64::try_from(wait_us).unwrap_or(0));
-        match (granted, cause.as_str()) {
+        match (granted, cause.as_str(), place) {
             // A slot is reserved at Redis's `now + wait`; counted from when
             // the answer arrived, it can only come late, never early.
-            (1, _) if wait.is_zero() => Ok(Reservation::at_once(received, latest)),
-            (1, _) => Ok(Reservation::timed(received + wait, latest, place)),
-            (_, "caller") => Err(Refusal::Caller(CallerRateLimited { retry_after: wait })),
-            _ => Err(Refusal::Budget(RateLimited {
+            (1, _, Some(place)) if !wait.is_zero() => {
+                Ok(Reservation::timed(received + wait, latest, place))
+            }
+            // Asked with no wait allowed, a granted slot is now.
+            (1, ..) => Ok(Reservation::at_once(received, latest)),
+            (_, "caller", _) => Err(Refusal::Caller(CallerRateLimited { retry_after: wait })),
+            (_, _, place) => Err(Refusal::Budget(RateLimited {
                 retry_after: wait.max(self.interval()),
-                cause: RateLimitCause::WouldWaitTooLong,
+                cause: match place {
+                    Some(_) => RateLimitCause::WouldWaitTooLong,
+                    None => RateLimitCause::QueueFull,
+                },
             })),
         }
     }
@@ -241,7 +250,9 @@ impl SharedBudget {
         Duration::from_secs_f64(1.0 / rate)
     }
 
-    /// One script call; a failure switches this replica to local mode.
+    /// One script call; a failure switches this replica to local mode. A
+    /// success changes no mode: an answer that comes after a failure must
+    /// not cut the cool-down short (only the probe ends it).
     async fn run(
         &self,
         op: Op,
@@ -249,9 +260,28 @@ impl SharedBudget {
         max_wait: Duration,
     ) -> Result<Answer, RedisCallError> {
         let inner = &self.inner;
-        let settings = &inner.settings;
+        let invocation = inner.invocation(op, cell, max_wait);
+        let answer = inner
+            .redis
+            .run_script::<Answer>(op.as_str(), &invocation)
+            .await;
+        inner.note(&answer);
+        answer
+    }
+}
+
+impl Inner {
+    /// The script call for `op`: keys under one hash tag, then the
+    /// arguments `budget.lua` documents.
+    fn invocation(
+        &self,
+        op: Op,
+        cell: Option<&CallerCell>,
+        max_wait: Duration,
+    ) -> ScriptInvocation<'_> {
+        let settings = &self.settings;
         let prefix = &settings.key_prefix;
-        let mut invocation = inner.script.prepare_invoke();
+        let mut invocation = self.script.prepare_invoke();
         invocation
             .key(format!("{{{prefix}}}:budget"))
             .key(format!("{{{prefix}}}:throttle"));
@@ -268,24 +298,20 @@ impl SharedBudget {
             .arg(u64::try_from(max_wait.as_micros()).unwrap_or(u64::MAX))
             .arg(cell.map_or(1.0, |c| c.rate_per_sec))
             .arg(cell.map_or(1, |c| c.burst));
-        match inner
-            .redis
-            .run_script::<Answer>(op.as_str(), &invocation)
-            .await
-        {
-            Ok(answer) => {
-                inner.mode.shared_works();
-                if answer.3 > 0 {
-                    inner.rate_milli.store(answer.3 as u64, Ordering::Relaxed);
-                }
-                Ok(answer)
+        invocation
+    }
+
+    /// Keeps the fleet's rate from an answer; a failure makes this replica
+    /// local for a cool-down.
+    fn note(&self, answer: &Result<Answer, RedisCallError>) {
+        match answer {
+            Ok((.., rate_milli)) if *rate_milli > 0 => {
+                self.rate_milli.store(*rate_milli as u64, Ordering::Relaxed);
             }
-            Err(error) => {
-                inner
-                    .mode
-                    .failed(Instant::now(), &error, inner.fallback.current_rate());
-                Err(error)
-            }
+            Ok(_) => {}
+            Err(error) => self
+                .mode
+                .failed(Instant::now(), error, self.fallback.current_rate()),
         }
     }
 }
@@ -315,7 +341,10 @@ async fn watch_redis(mut connected: watch::Receiver<bool>, budget: Weak<Inner>) 
         return;
     };
     loop {
-        let retry_at = match modes.wait_for(|mode| matches!(mode, Mode::Local { .. })).await {
+        let retry_at = match modes
+            .wait_for(|mode| matches!(mode, Mode::Local { .. }))
+            .await
+        {
             Ok(mode) => match *mode {
                 Mode::Local { retry_at } => retry_at,
                 _ => unreachable!("waited for local"),
@@ -329,24 +358,29 @@ async fn watch_redis(mut connected: watch::Receiver<bool>, budget: Weak<Inner>) 
         if !inner.mode.due(Instant::now()) {
             continue; // shared again, or a later failure moved the probe
         }
-        match probe(&inner.redis).await {
-            Ok(()) => inner.mode.shared_works(),
-            Err(error) => inner
-                .mode
-                .failed(Instant::now(), &error, inner.fallback.current_rate()),
+        if probe(&inner).await.is_ok() {
+            inner.mode.shared_works();
         }
     }
 }
 
-/// Whether Redis answers. The connection manager keeps the failure of a
-/// reconnection it tried while Redis was down and hands it to the next
-/// call, which starts a new one: so a connection error is asked again once
-/// (PING is safe to repeat).
-async fn probe(redis: &Redis) -> Result<(), RedisCallError> {
-    match redis.ping().await {
-        Err(RedisCallError::Connection(_)) => redis.ping().await,
-        answered => answered,
-    }
+/// Whether Redis works again: on a connection of its own (a new DNS lookup
+/// and socket, so a connection that died without a reset, or a primary
+/// that moved, is not asked again), the budget script itself in a mode that
+/// writes nothing (a PING would answer where the script cannot run: out of
+/// memory, a read-only replica, an ACL). When it runs, every call uses
+/// that connection from then on.
+async fn probe(inner: &Inner) -> Result<(), RedisCallError> {
+    let connection = inner.redis.connect_anew().await?;
+    let invocation = inner.invocation(Op::Probe, None, Duration::ZERO);
+    let answer = inner
+        .redis
+        .run_script_on::<Answer>(&connection, Op::Probe.as_str(), &invocation)
+        .await;
+    inner.note(&answer);
+    answer?;
+    inner.redis.adopt(connection);
+    Ok(())
 }
 
 /// Shared or local, and when local, when Redis is probed again.
@@ -364,7 +398,9 @@ enum Mode {
     Starting,
     Shared,
     /// Until Redis answers a probe, made at `retry_at`.
-    Local { retry_at: Instant },
+    Local {
+        retry_at: Instant,
+    },
 }
 
 impl ModeSwitch {
@@ -490,7 +526,10 @@ mod tests {
         let after = start + Duration::from_secs(5);
         assert!(switch.due(after), "the probe is due after the cool-down");
         switch.failed(after, &RedisCallError::NotConnected, 1.0);
-        assert!(!switch.due(after + Duration::from_millis(4_999)), "a failed probe waits again");
+        assert!(
+            !switch.due(after + Duration::from_millis(4_999)),
+            "a failed probe waits again"
+        );
         assert!(!switch.try_shared(true));
         switch.shared_works();
         assert!(switch.try_shared(true) && !switch.due(after + Duration::from_secs(60)));

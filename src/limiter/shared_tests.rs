@@ -275,6 +275,15 @@ async fn shared_budget(
     cooldown: Duration,
     registry: &prometheus::Registry,
 ) -> crate::limiter::SharedBudget {
+    shared_budget_with_queue(redis, cooldown, registry, 10).await
+}
+
+async fn shared_budget_with_queue(
+    redis: &TestRedis,
+    cooldown: Duration,
+    registry: &prometheus::Registry,
+    max_queue: usize,
+) -> crate::limiter::SharedBudget {
     use crate::{
         limiter::{BudgetSettings, CallerSettings, LocalBudget, SharedBudget, SharedSettings},
         redis::{Redis, RedisSettings, RedisUrl},
@@ -303,7 +312,7 @@ async fn shared_budget(
         SharedSettings {
             rate_per_sec: 100.0,
             burst: 10,
-            max_queue: 10,
+            max_queue,
             max_wait: Duration::from_secs(1),
             cooldown,
             key_prefix: "t".into(),
@@ -352,7 +361,10 @@ async fn after_an_outage_the_first_probe_once_redis_is_back_makes_the_budget_sha
 
     redis.kill();
     // The call that finds Redis gone falls back: the sign-out still has a slot.
-    budget.reserve(deadline(), None).await.expect("a local slot");
+    budget
+        .reserve(deadline(), None)
+        .await
+        .expect("a local slot");
     assert!(!budget.is_shared());
     // Let a probe fail during the outage, and restart Redis just after it:
     // the next probe comes one cool-down later. The connection manager
@@ -373,4 +385,35 @@ async fn after_an_outage_the_first_probe_once_redis_is_back_makes_the_budget_sha
         back < cooldown * 3 / 2,
         "the first probe after the restart found Redis: {back:?} (cool-down {cooldown:?})"
     );
+}
+
+#[tokio::test]
+async fn without_a_place_in_the_queue_a_request_still_takes_a_slot_free_now() {
+    use crate::limiter::{RateLimitCause, RateLimited, Refusal};
+    let redis = TestRedis::start();
+    let registry = prometheus::Registry::new();
+    // --max-queue 0: nobody may wait, but the burst (10 at 100/s) is free.
+    let budget = shared_budget_with_queue(&redis, Duration::from_secs(5), &registry, 0).await;
+    assert!(
+        within(Duration::from_secs(5), || budget.is_shared())
+            .await
+            .is_some(),
+        "connected"
+    );
+    let deadline = || tokio::time::Instant::now() + Duration::from_secs(1);
+    for n in 0..10 {
+        let slot = budget.reserve(deadline(), None).await;
+        assert!(slot.is_ok_and(|s| s.is_granted()), "slot {n} of the burst");
+    }
+    match budget.reserve(deadline(), None).await {
+        Err(Refusal::Budget(RateLimited {
+            retry_after,
+            cause: RateLimitCause::QueueFull,
+        })) => assert!(
+            retry_after > Duration::ZERO && retry_after <= Duration::from_millis(10),
+            "the script says when the next slot comes: {retry_after:?}"
+        ),
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    assert!(budget.is_shared(), "a refusal is not a Redis failure");
 }

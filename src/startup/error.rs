@@ -55,10 +55,7 @@ pub enum StartupError {
     /// The open-files limit cannot hold the connection budgets.
     #[error(transparent)]
     FdLimit(#[from] FdLimitTooLow),
-    /// `--redis-password-file` cannot be read.
-    #[error("{0}")]
-    RedisPasswordFile(#[source] std::io::Error),
-    /// The Redis settings cannot be used (a CA file, a URL).
+    /// The Redis settings cannot be used (the URL, a password or CA file).
     #[error(transparent)]
     Redis(#[from] crate::redis::RedisSetupError),
     /// The listen address is taken or not ours.
@@ -96,7 +93,6 @@ impl StartupError {
             | Self::Policy { .. }
             | Self::PolicyWithoutIdentity
             | Self::FdLimit(_)
-            | Self::RedisPasswordFile(_)
             | Self::Redis(_) => 64,
             Self::Bind { .. }
             | Self::JwksClient(_)

@@ -35,6 +35,30 @@ fn a_bad_environment_variable_is_exit_code_64() {
 }
 
 #[test]
+fn a_bad_redis_url_is_exit_code_64_and_its_password_is_never_printed() {
+    let url = "redis://:Sup3rSecret@cache:notaport";
+    let flag =
+        run(service()
+            .env("AWS_REGION", "eu-west-1")
+            .args(["--check-config", "--redis-url", url]));
+    let env = run(service()
+        .env("AWS_REGION", "eu-west-1")
+        .env("SESSION_REDIS_URL", url)
+        .arg("--check-config"));
+
+    for output in [flag, env] {
+        assert_eq!(output.status.code(), Some(64));
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(printed.contains("--redis-url"), "{printed}");
+        assert!(!printed.contains("Sup3rSecret"), "{printed}");
+    }
+}
+
+#[test]
 fn a_missing_region_is_exit_code_64() {
     let output = run(service().args(["--listen", "127.0.0.1:0"]));
 
