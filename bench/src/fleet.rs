@@ -195,9 +195,9 @@ pub(crate) async fn p8_redis_cost(plan: &Plan, service_bin: &Path) -> Vec<Row> {
     let without = spawn_service(service_bin, fake.addr, &unlimited());
     let mut shared_args = unlimited();
     shared_args.push(redis.url());
-    let with = spawn_service(service_bin, fake.addr, &shared_args);
+    let with_service = spawn_service(service_bin, fake.addr, &shared_args);
     let targets = [
-        clients::grpc(with.addr).await,
+        clients::grpc(with_service.addr).await,
         clients::grpc(without.addr).await,
         script_call(redis.addr).await,
     ];
@@ -209,7 +209,7 @@ pub(crate) async fn p8_redis_cost(plan: &Plan, service_bin: &Path) -> Vec<Row> {
         plan.p1_rounds,
         1,
         Stop::Calls(plan.p1_calls),
-        with.pid(),
+        with_service.pid(),
     )
     .await;
     let [with, without, script] = &totals[..] else {
@@ -232,6 +232,18 @@ pub(crate) async fn p8_redis_cost(plan: &Plan, service_bin: &Path) -> Vec<Row> {
             added <= rt,
         ));
     }
+    // The service's own view of its script call, to tell the Redis client
+    // and runtime's share of the added latency from the rest of the path.
+    let text = metrics_text(&with_service).await;
+    let sum = sum_of(&text, r#"session_redis_duration_seconds_sum{op="reserve"}"#);
+    let count = sum_of(
+        &text,
+        r#"session_redis_duration_seconds_count{op="reserve"}"#,
+    );
+    rows.push(Row::note(
+        "P8 the service's own script call, mean (session_redis_duration_seconds)",
+        format!("{:.0} µs over {count} calls", sum / count.max(1.0) * 1e6),
+    ));
     rows.push(Row::note(
         "P8 latency p50 with Redis ÷ without",
         format!(
