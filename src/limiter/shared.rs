@@ -358,8 +358,13 @@ async fn watch_redis(mut connected: watch::Receiver<bool>, budget: Weak<Inner>) 
         if !inner.mode.due(Instant::now()) {
             continue; // shared again, or a later failure moved the probe
         }
-        if probe(&inner).await.is_ok() {
-            inner.mode.shared_works();
+        match probe(&inner).await {
+            Ok(()) => inner.mode.shared_works(),
+            // Every failure, a connection refused as much as a script
+            // error, waits a whole cool-down for the next probe.
+            Err(error) => inner
+                .mode
+                .failed(Instant::now(), &error, inner.fallback.current_rate()),
         }
     }
 }
@@ -373,12 +378,11 @@ async fn watch_redis(mut connected: watch::Receiver<bool>, budget: Weak<Inner>) 
 async fn probe(inner: &Inner) -> Result<(), RedisCallError> {
     let connection = inner.redis.connect_anew().await?;
     let invocation = inner.invocation(Op::Probe, None, Duration::ZERO);
-    let answer = inner
+    let (.., rate_milli) = inner
         .redis
         .run_script_on::<Answer>(&connection, Op::Probe.as_str(), &invocation)
-        .await;
-    inner.note(&answer);
-    answer?;
+        .await?;
+    inner.note(&Ok((1, 0, String::new(), rate_milli)));
     inner.redis.adopt(connection);
     Ok(())
 }

@@ -371,6 +371,16 @@ async fn after_an_outage_the_first_probe_once_redis_is_back_makes_the_budget_sha
     // hands that probe the failure of a reconnection it tried while Redis
     // was down; a probe that gave up on it would leave the budget local
     // for a second cool-down.
+    // Probes come one cool-down apart, not one after another: over three
+    // cool-downs, three probes' worth of errors (each counts its failed
+    // connection, and sometimes the connection manager's retry), no more.
+    let before = redis_errors(&registry);
+    tokio::time::sleep(cooldown * 3).await;
+    let during = redis_errors(&registry) - before;
+    assert!(
+        (1.0..=8.0).contains(&during),
+        "{during} Redis errors in three cool-downs of an outage"
+    );
     let failed = redis_errors(&registry);
     let probed = within(Duration::from_secs(5), || redis_errors(&registry) > failed).await;
     assert!(probed.is_some(), "a probe during the outage");
