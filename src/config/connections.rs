@@ -30,6 +30,16 @@ pub struct ConnectionConfig {
     #[arg(long, env = "SESSION_FIRST_BYTES_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     pub first_bytes_timeout: Duration,
 
+    /// Time a connection may go with no call open before the server sends
+    /// GOAWAY and closes it (clients reconnect on their next call). PINGs
+    /// and other control frames do not count as activity; a call waiting
+    /// for Cognito, or a streaming call, does. While the connection budget
+    /// runs short (an eighth of it or less free), the shorter of this and
+    /// --first-bytes-timeout applies, so connections that open and then
+    /// idle cannot hold the budget any longer than silent ones.
+    #[arg(long, env = "SESSION_IDLE_TIMEOUT", default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// After --max-connection-age has sent GOAWAY, time left for the calls
     /// under way; then the connection is closed whatever its state (a stream
     /// that never ends, a peer that never reads).

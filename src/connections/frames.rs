@@ -25,6 +25,8 @@ pub(crate) struct FrameCounter {
     /// Bytes of the next frame header seen so far.
     header: [u8; FRAME_HEADER_LEN],
     header_len: usize,
+    /// Highest stream id a HEADERS frame opened: what a GOAWAY must name.
+    last_stream: u32,
 }
 
 impl FrameCounter {
@@ -44,9 +46,13 @@ impl FrameCounter {
             self.header_len += take;
             bytes = &bytes[take..];
             if self.header_len == FRAME_HEADER_LEN {
-                let [a, b, c, kind, flags, ..] = self.header;
+                let [a, b, c, kind, flags, s0, s1, s2, s3] = self.header;
                 self.payload_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
                 self.header_len = 0;
+                if kind == HEADERS {
+                    let stream = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7FFF_FFFF;
+                    self.last_stream = self.last_stream.max(stream);
+                }
                 if is_control(kind, flags, self.payload_left) {
                     frames += 1;
                 }
@@ -54,7 +60,20 @@ impl FrameCounter {
         }
         frames
     }
+
+    /// Whether the bytes fed so far end on a frame boundary, where a frame
+    /// of our own may be put into the stream.
+    pub(crate) fn at_boundary(&self) -> bool {
+        self.payload_left == 0 && self.header_len == 0
+    }
+
+    /// The highest stream id the peer opened with HEADERS.
+    pub(crate) fn last_stream(&self) -> u32 {
+        self.last_stream
+    }
 }
+
+const HEADERS: u8 = 1;
 
 /// Frames that carry no request: everything but HEADERS, CONTINUATION and
 /// DATA that has a payload or ends its stream (an empty DATA frame that
@@ -62,7 +81,6 @@ impl FrameCounter {
 /// reads and discards them.
 fn is_control(kind: u8, flags: u8, len: usize) -> bool {
     const DATA: u8 = 0;
-    const HEADERS: u8 = 1;
     const CONTINUATION: u8 = 9;
     const END_STREAM: u8 = 0x1;
     match kind {
@@ -189,6 +207,20 @@ mod tests {
         let mut counter = FrameCounter::default();
         assert_eq!(counter.feed(&requests.repeat(1000)), 0);
         assert_eq!(counter.feed(&control), 7);
+    }
+
+    #[test]
+    fn the_last_stream_opened_and_frame_boundaries_are_tracked() {
+        let mut headers = typed(1, 0x4, 3);
+        headers[5..9].copy_from_slice(&7u32.to_be_bytes());
+        let stream = [typed(1, 0x4, 3), headers, frame(8)].concat();
+        let mut counter = FrameCounter::default();
+        assert!(counter.at_boundary());
+        counter.feed(&stream[..stream.len() - 1]);
+        assert!(!counter.at_boundary(), "mid-payload");
+        counter.feed(&stream[stream.len() - 1..]);
+        assert!(counter.at_boundary());
+        assert_eq!(counter.last_stream(), 7);
     }
 
     #[test]
