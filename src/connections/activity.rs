@@ -168,8 +168,10 @@ mod tests {
             activity: Some(activity.clone()),
         };
         let mut service = CountOpenCallsLayer.layer(tower::service_fn(|_: http::Request<()>| {
+            // Not empty: tonic drops a body that has ended already.
+            let body = http_body_util::Full::new(bytes::Bytes::from_static(b"message"));
             std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
-                Body::empty(),
+                Body::new(body),
             )))
         }));
         let mut request = http::Request::new(());
