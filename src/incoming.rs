@@ -120,6 +120,9 @@ pub fn accept(
                         let hard_end = limits.hard_end_after.map(|after| Instant::now() + after);
                         let mut conn =
                             Guarded::new(stream, permit, hard_end, limits.frames_per_sec);
+                        if let Some(share) = limits.frame_share() {
+                            conn = conn.share_frames(share);
+                        }
                         if let Some(rule) = limits.idle_rule() {
                             conn = conn.close_when_idle(rule);
                         }

@@ -226,6 +226,7 @@ struct Lifecycle {
     max_connection_age_grace: Duration,
     request_body_timeout: Duration,
     max_frames_per_second: u32,
+    max_frames_per_second_total: u32,
     idle_timeout: Duration,
 }
 
@@ -237,6 +238,7 @@ impl Lifecycle {
             ConnectionLimits::new(max, self.first_bytes_timeout, self.handshake_timeout);
         limits.hard_end_after = Some(self.max_connection_age + self.max_connection_age_grace);
         limits.frames_per_sec = Some(self.max_frames_per_second);
+        limits.frames_total = Some(self.max_frames_per_second_total);
         limits.idle_timeout = Some(self.idle_timeout);
         limits
     }
@@ -332,6 +334,7 @@ impl Application {
                 max_connection_age_grace: config.connections.max_connection_age_grace,
                 request_body_timeout: config.connections.request_body_timeout,
                 max_frames_per_second: config.connections.max_frames_per_second,
+                max_frames_per_second_total: config.connections.max_frames_per_second_total,
                 idle_timeout: config.connections.idle_timeout,
             },
             log_drops: None,

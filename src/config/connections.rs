@@ -61,4 +61,14 @@ pub struct ConnectionConfig {
     #[arg(long, env = "SESSION_MAX_FRAMES_PER_SECOND", default_value_t = 100, value_name = "N",
           value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
     pub max_frames_per_second: u32,
+
+    /// HTTP/2 control frames per second all connections to the gRPC port
+    /// may send together (the health port has the same total for its own).
+    /// The total is shared equally among the connections open: each may
+    /// send the smaller of --max-frames-per-second and total / open (at
+    /// least 1 a second, 10 banked), so many flooding connections cost the
+    /// service no more than a few, and a quiet client keeps its share.
+    #[arg(long, env = "SESSION_MAX_FRAMES_PER_SECOND_TOTAL", default_value_t = 2000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(10..=100_000_000))]
+    pub max_frames_per_second_total: u32,
 }

@@ -21,7 +21,7 @@ use tokio::{
 
 use super::{
     activity::Activity,
-    frames::{FRAME_HEADER_LEN, FrameBudget, FrameCounter},
+    frames::{FRAME_HEADER_LEN, FrameBudget, FrameCounter, FrameShare},
     idle::{Idle, IdleRule},
 };
 
@@ -86,6 +86,12 @@ impl<IO> Guarded<IO> {
             idle: None,
             _permit: permit,
         }
+    }
+
+    /// Holds the connection's frames to its share of the listener's total.
+    pub fn share_frames(mut self, share: FrameShare) -> Self {
+        self.budget = self.budget.map(|budget| budget.with_share(share));
+        self
     }
 
     /// Closes the connection once idle by `rule`.
