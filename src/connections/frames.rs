@@ -111,7 +111,10 @@ pub struct FrameShare {
 impl FrameShare {
     #[allow(clippy::cast_precision_loss)] // connection counts: far below 2^52
     fn per_connection(&self) -> f64 {
-        let open = self.size.saturating_sub(self.budget.available_permits()).max(1);
+        let open = self
+            .size
+            .saturating_sub(self.budget.available_permits())
+            .max(1);
         (f64::from(self.total) / open as f64).max(1.0)
     }
 }

@@ -11,12 +11,7 @@
 //! runs short, the timeout is the shorter of it and the first-bytes timeout:
 //! an idle connection must then prove itself as often as a new one.
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::Context,
-    time::Duration,
-};
+use std::{pin::Pin, sync::Arc, task::Context, time::Duration};
 
 use tokio::{
     sync::Semaphore,
@@ -178,7 +173,11 @@ mod tests {
 
     fn rule(size: usize, free: usize) -> IdleRule {
         let budget = Arc::new(Semaphore::new(size));
-        std::mem::forget(budget.clone().try_acquire_many_owned(u32::try_from(size - free).expect("small")));
+        std::mem::forget(
+            budget
+                .clone()
+                .try_acquire_many_owned(u32::try_from(size - free).expect("small")),
+        );
         IdleRule {
             timeout: Duration::from_secs(60),
             pressed_timeout: Duration::from_secs(5),

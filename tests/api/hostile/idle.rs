@@ -29,7 +29,10 @@ struct Seen {
 
 /// Opens a connection that sends the preface and SETTINGS, then nothing,
 /// reading (never answering) until the server closes it.
-fn idle_attacker(addr: std::net::SocketAddr, seen: Arc<Mutex<Seen>>) -> tokio::task::JoinHandle<()> {
+fn idle_attacker(
+    addr: std::net::SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let started = Instant::now();
         let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
@@ -137,10 +140,16 @@ async fn idle_connections_that_sent_the_preface_cannot_hold_the_budget_from_new_
     for attacker in attackers {
         attacker.abort();
     }
-    assert!(fresh.is_ok(), "a new caller could not get through: {fresh:?}");
+    assert!(
+        fresh.is_ok(),
+        "a new caller could not get through: {fresh:?}"
+    );
     let slow = slow.expect("the call waiting on Cognito was cut");
     assert!(slow >= COGNITO_DELAY, "{slow:?}");
-    assert!(again.is_ok(), "an idle channel did not reconnect: {again:?}");
+    assert!(
+        again.is_ok(),
+        "an idle channel did not reconnect: {again:?}"
+    );
     assert_eq!(closed, ATTACKERS, "idle connections still open: {seen:?}");
     assert_eq!(goaways, ATTACKERS, "closed without a GOAWAY: {seen:?}");
     assert!(
