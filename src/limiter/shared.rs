@@ -315,7 +315,10 @@ async fn watch_redis(mut connected: watch::Receiver<bool>, budget: Weak<Inner>) 
         return;
     };
     loop {
-        let retry_at = match modes.wait_for(|mode| matches!(mode, Mode::Local { .. })).await {
+        let retry_at = match modes
+            .wait_for(|mode| matches!(mode, Mode::Local { .. }))
+            .await
+        {
             Ok(mode) => match *mode {
                 Mode::Local { retry_at } => retry_at,
                 _ => unreachable!("waited for local"),
@@ -364,7 +367,9 @@ enum Mode {
     Starting,
     Shared,
     /// Until Redis answers a probe, made at `retry_at`.
-    Local { retry_at: Instant },
+    Local {
+        retry_at: Instant,
+    },
 }
 
 impl ModeSwitch {
@@ -490,7 +495,10 @@ mod tests {
         let after = start + Duration::from_secs(5);
         assert!(switch.due(after), "the probe is due after the cool-down");
         switch.failed(after, &RedisCallError::NotConnected, 1.0);
-        assert!(!switch.due(after + Duration::from_millis(4_999)), "a failed probe waits again");
+        assert!(
+            !switch.due(after + Duration::from_millis(4_999)),
+            "a failed probe waits again"
+        );
         assert!(!switch.try_shared(true));
         switch.shared_works();
         assert!(switch.try_shared(true) && !switch.due(after + Duration::from_secs(60)));

@@ -297,7 +297,7 @@ async fn shared_budget(
         max_queue: 10,
         max_wait: Duration::from_secs(1),
     };
-    let fallback = LocalBudget::start(settings.clone(), CallerSettings::default());
+    let fallback = LocalBudget::start(settings, CallerSettings::default());
     SharedBudget::new(
         client,
         SharedSettings {
@@ -352,7 +352,10 @@ async fn after_an_outage_the_first_probe_once_redis_is_back_makes_the_budget_sha
 
     redis.kill();
     // The call that finds Redis gone falls back: the sign-out still has a slot.
-    budget.reserve(deadline(), None).await.expect("a local slot");
+    budget
+        .reserve(deadline(), None)
+        .await
+        .expect("a local slot");
     assert!(!budget.is_shared());
     // Let a probe fail during the outage, and restart Redis just after it:
     // the next probe comes one cool-down later. The connection manager

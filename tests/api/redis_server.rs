@@ -121,9 +121,9 @@ impl TestRedis {
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
-        let mut child = command.spawn().unwrap_or_else(|e| {
-            panic!("redis-server is required (scripts/test installs it): {e}")
-        });
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server is required (scripts/test installs it): {e}"));
         for _ in 0..250 {
             if TcpStream::connect(self.addr()).is_ok() {
                 self.child = Some(child);
