@@ -61,6 +61,7 @@ impl Connected for Conn {
             Stream::Plain(tcp) => PeerInfo {
                 remote_addr: tcp.peer_addr().ok(),
                 certificate_identity: None,
+                activity: Some(self.activity()),
             },
             Stream::Tls(tls) => {
                 let (tcp, session) = tls.get_ref();
@@ -71,6 +72,7 @@ impl Connected for Conn {
                         .and_then(|chain| chain.first())
                         .and_then(|leaf| certificate_identity(leaf))
                         .map(Arc::from),
+                    activity: Some(self.activity()),
                 }
             }
         }
@@ -116,7 +118,14 @@ pub fn accept(
                         // Counted from here, like tonic's GOAWAY age, so the
                         // grace is not eaten by the admission's deadlines.
                         let hard_end = limits.hard_end_after.map(|after| Instant::now() + after);
-                        let conn = Guarded::new(stream, permit, hard_end, limits.frames_per_sec);
+                        let mut conn =
+                            Guarded::new(stream, permit, hard_end, limits.frames_per_sec);
+                        if let Some(share) = limits.frame_share() {
+                            conn = conn.share_frames(share);
+                        }
+                        if let Some(rule) = limits.idle_rule() {
+                            conn = conn.close_when_idle(rule);
+                        }
                         let _ = ready.send(Ok(conn)).await;
                     }
                     // A client's failure is its own business, but a stream

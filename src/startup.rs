@@ -25,7 +25,7 @@ use crate::{
     authz::{CurrentPolicy, Policy},
     cognito::Cognito,
     config::Config,
-    connections::{self, ConnectionLimits},
+    connections::{self, ConnectionLimits, CountOpenCallsLayer},
     incoming,
     limiter::{
         Budget, BudgetSettings, LocalBudget, SharedBudget, SharedSettings, budget_script,
@@ -223,6 +223,8 @@ struct Lifecycle {
     max_connection_age_grace: Duration,
     request_body_timeout: Duration,
     max_frames_per_second: u32,
+    max_frames_per_second_total: u32,
+    idle_timeout: Duration,
 }
 
 impl Lifecycle {
@@ -233,6 +235,8 @@ impl Lifecycle {
             ConnectionLimits::new(max, self.first_bytes_timeout, self.handshake_timeout);
         limits.hard_end_after = Some(self.max_connection_age + self.max_connection_age_grace);
         limits.frames_per_sec = Some(self.max_frames_per_second);
+        limits.frames_total = Some(self.max_frames_per_second_total);
+        limits.idle_timeout = Some(self.idle_timeout);
         limits
     }
 }
@@ -327,6 +331,8 @@ impl Application {
                 max_connection_age_grace: config.connections.max_connection_age_grace,
                 request_body_timeout: config.connections.request_body_timeout,
                 max_frames_per_second: config.connections.max_frames_per_second,
+                max_frames_per_second_total: config.connections.max_frames_per_second_total,
+                idle_timeout: config.connections.idle_timeout,
             },
             log_drops: None,
         })
@@ -436,6 +442,10 @@ impl Application {
             // layer added here and drops the call when it fires, so the
             // record is also written when the call is dropped.
             .layer(RpcTelemetryLayer::new(self.metrics.clone()))
+            // Innermost: a call is open (its connection not idle) from here
+            // until its response body is done; refused requests never count,
+            // so they cannot keep a connection from being idle.
+            .layer(CountOpenCallsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

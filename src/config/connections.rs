@@ -30,6 +30,16 @@ pub struct ConnectionConfig {
     #[arg(long, env = "SESSION_FIRST_BYTES_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     pub first_bytes_timeout: Duration,
 
+    /// Time a connection may go with no call open before the server sends
+    /// GOAWAY and closes it (clients reconnect on their next call). PINGs
+    /// and other control frames do not count as activity; a call waiting
+    /// for Cognito, or a streaming call, does. While the connection budget
+    /// runs short (an eighth of it or less free), the shorter of this and
+    /// --first-bytes-timeout applies, so connections that open and then
+    /// idle cannot hold the budget any longer than silent ones.
+    #[arg(long, env = "SESSION_IDLE_TIMEOUT", default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// After --max-connection-age has sent GOAWAY, time left for the calls
     /// under way; then the connection is closed whatever its state (a stream
     /// that never ends, a peer that never reads).
@@ -51,4 +61,14 @@ pub struct ConnectionConfig {
     #[arg(long, env = "SESSION_MAX_FRAMES_PER_SECOND", default_value_t = 100, value_name = "N",
           value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
     pub max_frames_per_second: u32,
+
+    /// HTTP/2 control frames per second all connections to the gRPC port
+    /// may send together (the health port has the same total for its own).
+    /// The total is shared equally among the connections open: each may
+    /// send the smaller of --max-frames-per-second and total / open (at
+    /// least 1 a second, 10 banked), so many flooding connections cost the
+    /// service no more than a few, and a quiet client keeps its share.
+    #[arg(long, env = "SESSION_MAX_FRAMES_PER_SECOND_TOTAL", default_value_t = 2000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(10..=100_000_000))]
+    pub max_frames_per_second_total: u32,
 }

@@ -10,9 +10,9 @@
 //! legitimate client sends thousands a second. h2 0.4 offers no such knob
 //! itself, hence this small hand-written meter.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
 
 /// Length of an HTTP/2 frame header: also the smallest frame.
 pub(crate) const FRAME_HEADER_LEN: usize = 9;
@@ -25,6 +25,8 @@ pub(crate) struct FrameCounter {
     /// Bytes of the next frame header seen so far.
     header: [u8; FRAME_HEADER_LEN],
     header_len: usize,
+    /// Highest stream id a HEADERS frame opened: what a GOAWAY must name.
+    last_stream: u32,
 }
 
 impl FrameCounter {
@@ -44,9 +46,13 @@ impl FrameCounter {
             self.header_len += take;
             bytes = &bytes[take..];
             if self.header_len == FRAME_HEADER_LEN {
-                let [a, b, c, kind, flags, ..] = self.header;
+                let [a, b, c, kind, flags, s0, s1, s2, s3] = self.header;
                 self.payload_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
                 self.header_len = 0;
+                if kind == HEADERS {
+                    let stream = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7FFF_FFFF;
+                    self.last_stream = self.last_stream.max(stream);
+                }
                 if is_control(kind, flags, self.payload_left) {
                     frames += 1;
                 }
@@ -54,7 +60,20 @@ impl FrameCounter {
         }
         frames
     }
+
+    /// Whether the bytes fed so far end on a frame boundary, where a frame
+    /// of our own may be put into the stream.
+    pub(crate) fn at_boundary(&self) -> bool {
+        self.payload_left == 0 && self.header_len == 0
+    }
+
+    /// The highest stream id the peer opened with HEADERS.
+    pub(crate) fn last_stream(&self) -> u32 {
+        self.last_stream
+    }
 }
+
+const HEADERS: u8 = 1;
 
 /// Frames that carry no request: everything but HEADERS, CONTINUATION and
 /// DATA that has a payload or ends its stream (an empty DATA frame that
@@ -62,7 +81,6 @@ impl FrameCounter {
 /// reads and discards them.
 fn is_control(kind: u8, flags: u8, len: usize) -> bool {
     const DATA: u8 = 0;
-    const HEADERS: u8 = 1;
     const CONTINUATION: u8 = 9;
     const END_STREAM: u8 = 0x1;
     match kind {
@@ -72,24 +90,67 @@ fn is_control(kind: u8, flags: u8, len: usize) -> bool {
     }
 }
 
-/// A token bucket of frames: `rate` per second, up to one second's worth
-/// banked. Reads may overdraw it (a read returns what the socket had); the
-/// connection then reads nothing until the debt is paid.
+/// Frames a connection may bank whatever its share: a new client's
+/// SETTINGS, its ACK and a WINDOW_UPDATE come at once.
+const MIN_BANK: f64 = 10.0;
+
+/// A listener's total of control frames per second, shared by its open
+/// connections: each may send at most `total / open` a second (at least
+/// one), so the port's total holds however many connections an attacker
+/// opens, and a quiet connection keeps its share whatever the others do.
+#[derive(Debug, Clone)]
+pub struct FrameShare {
+    /// Frames per second for all the listener's connections together.
+    pub total: u32,
+    /// The listener's connection budget: what it lacks is what is open.
+    pub budget: Arc<Semaphore>,
+    /// Places in that budget.
+    pub size: usize,
+}
+
+impl FrameShare {
+    #[allow(clippy::cast_precision_loss)] // connection counts: far below 2^52
+    fn per_connection(&self) -> f64 {
+        let open = self
+            .size
+            .saturating_sub(self.budget.available_permits())
+            .max(1);
+        (f64::from(self.total) / open as f64).max(1.0)
+    }
+}
+
+/// A token bucket of frames: `rate` per second (less when the listener's
+/// share is smaller), up to one second's worth banked. Reads may overdraw
+/// it (a read returns what the socket had); the connection then reads
+/// nothing until the debt is paid.
 #[derive(Debug)]
 pub(crate) struct FrameBudget {
+    /// The connection's own rate.
+    max_rate: f64,
+    /// The rate in force: `max_rate`, or the share when smaller.
     rate: f64,
     tokens: f64,
     updated: Instant,
+    share: Option<FrameShare>,
 }
 
 impl FrameBudget {
     pub(crate) fn new(rate_per_sec: u32, now: Instant) -> Self {
         let rate = f64::from(rate_per_sec);
         Self {
+            max_rate: rate,
             rate,
             tokens: rate,
             updated: now,
+            share: None,
         }
+    }
+
+    /// Holds the connection to its share of the listener's total as well.
+    pub(crate) fn with_share(mut self, share: FrameShare) -> Self {
+        self.share = Some(share);
+        self.refill(self.updated);
+        self
     }
 
     /// Spends `frames`; returns how long reads must pause, if at all.
@@ -123,7 +184,13 @@ impl FrameBudget {
 
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.tokens += elapsed * self.rate;
+        // The share changes as connections come and go: read it when the
+        // bucket is, which is at every read.
+        if let Some(share) = &self.share {
+            self.rate = share.per_connection().min(self.max_rate);
+        }
+        self.tokens = self.tokens.min(self.rate.max(MIN_BANK));
         self.updated = now;
     }
 
@@ -135,6 +202,39 @@ impl FrameBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_connection_gets_its_share_of_the_total() {
+        let start = Instant::now();
+        let budget = Arc::new(Semaphore::new(64));
+        let share = FrameShare {
+            total: 1000,
+            budget: budget.clone(),
+            size: 64,
+        };
+        // 4 open: 250 each, more than a connection's own 100.
+        let held = budget.clone().try_acquire_many_owned(4).expect("permits");
+        let mut alone = FrameBudget::new(100, start).with_share(share.clone());
+        assert_eq!(alone.spend(100, start), None);
+        assert!(alone.spend(1, start).is_some(), "its own rate still holds");
+        // 40 open: 25 each a second, 10 at least banked for a new one.
+        let more = budget.clone().try_acquire_many_owned(36).expect("permits");
+        let mut crowded = FrameBudget::new(100, start).with_share(share.clone());
+        assert_eq!(crowded.spend(25, start), None);
+        let later = start + Duration::from_secs(1);
+        assert_eq!(crowded.spend(25, later), None, "25 a second");
+        assert_eq!(
+            crowded.spend(25, later),
+            Some(Duration::from_secs(1)),
+            "one second's debt at 25 a second"
+        );
+        // 64 open, 1000 shared: 15.6 a second, banking at least 10.
+        let rest = budget.clone().try_acquire_many_owned(24).expect("permits");
+        let mut full = FrameBudget::new(100, start).with_share(share);
+        assert_eq!(full.spend(10, start), None);
+        assert!(full.spend(6, start).is_some());
+        drop((held, more, rest));
+    }
 
     fn frame(len: usize) -> Vec<u8> {
         typed(6, 0, len)
@@ -189,6 +289,20 @@ mod tests {
         let mut counter = FrameCounter::default();
         assert_eq!(counter.feed(&requests.repeat(1000)), 0);
         assert_eq!(counter.feed(&control), 7);
+    }
+
+    #[test]
+    fn the_last_stream_opened_and_frame_boundaries_are_tracked() {
+        let mut headers = typed(1, 0x4, 3);
+        headers[5..9].copy_from_slice(&7u32.to_be_bytes());
+        let stream = [typed(1, 0x4, 3), headers, frame(8)].concat();
+        let mut counter = FrameCounter::default();
+        assert!(counter.at_boundary());
+        counter.feed(&stream[..stream.len() - 1]);
+        assert!(!counter.at_boundary(), "mid-payload");
+        counter.feed(&stream[stream.len() - 1..]);
+        assert!(counter.at_boundary());
+        assert_eq!(counter.last_stream(), 7);
     }
 
     #[test]

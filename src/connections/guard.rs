@@ -1,12 +1,14 @@
 //! The wrapper every accepted connection's I/O goes through: it holds the
 //! connection's place in the listener's budget, replays the HTTP/2 preface
-//! that was read to check the client, meters frames (see `frames.rs`), and
-//! ends the connection hard at its deadline whatever state HTTP/2 is in
-//! (tonic 0.14.9's own age grace suppresses the GOAWAY, so it is not used).
+//! that was read to check the client, meters frames (see `frames.rs`),
+//! closes the connection once idle (see `idle.rs`), and ends it hard at its
+//! deadline whatever state HTTP/2 is in (tonic 0.14.9's own age grace
+//! suppresses the GOAWAY, so it is not used).
 
 use std::{
     io,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -17,12 +19,20 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::frames::{FRAME_HEADER_LEN, FrameBudget, FrameCounter};
+use super::{
+    activity::Activity,
+    frames::{FRAME_HEADER_LEN, FrameBudget, FrameCounter, FrameShare},
+    idle::{Idle, IdleRule},
+};
 
 /// Largest read of a metered connection, and its scratch buffer: at the
 /// default rate the budget allows 900 bytes a read, so 4 KiB keeps the
 /// per-connection cost small while leaving room for higher rates.
 const METERED_READ: usize = 4 * 1024;
+
+/// Reads of a closing connection's bytes (dropped) before yielding, so a
+/// peer that keeps sending cannot hold the task.
+const DISCARD_READS: usize = 16;
 
 /// The client connection preface every HTTP/2 connection starts with.
 pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -35,11 +45,18 @@ pub struct Guarded<IO> {
     replay: &'static [u8],
     /// The connection is cut when this fires.
     hard_end: Option<Pin<Box<Sleep>>>,
-    frames: Option<(FrameCounter, FrameBudget)>,
+    /// Frames handed to h2 (after the preface).
+    received: FrameCounter,
+    /// Frames h2 has written, so a GOAWAY of ours lands between two.
+    sent: FrameCounter,
+    budget: Option<FrameBudget>,
     /// Reads wait for this after the connection overdrew its frame budget.
     paused: Option<Pin<Box<Sleep>>>,
     /// A metered read lands here first, cut to what the budget affords.
     scratch: Vec<u8>,
+    /// The connection's open calls, shared with the calls themselves.
+    activity: Arc<Activity>,
+    idle: Option<Idle>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -56,25 +73,41 @@ impl<IO> Guarded<IO> {
             io,
             replay: HTTP2_PREFACE,
             hard_end: hard_end.map(|at| Box::pin(tokio::time::sleep_until(at))),
-            frames: frames_per_sec.map(|rate| {
-                (
-                    FrameCounter::default(),
-                    FrameBudget::new(rate, Instant::now()),
-                )
-            }),
+            received: FrameCounter::default(),
+            sent: FrameCounter::default(),
+            budget: frames_per_sec.map(|rate| FrameBudget::new(rate, Instant::now())),
             paused: None,
             scratch: if frames_per_sec.is_some() {
                 vec![0; METERED_READ]
             } else {
                 Vec::new()
             },
+            activity: Activity::new(),
+            idle: None,
             _permit: permit,
         }
+    }
+
+    /// Holds the connection's frames to its share of the listener's total.
+    pub fn share_frames(mut self, share: FrameShare) -> Self {
+        self.budget = self.budget.map(|budget| budget.with_share(share));
+        self
+    }
+
+    /// Closes the connection once idle by `rule`.
+    pub fn close_when_idle(mut self, rule: IdleRule) -> Self {
+        self.idle = Some(Idle::new(rule));
+        self
     }
 
     /// The wrapped I/O.
     pub fn get_ref(&self) -> &IO {
         &self.io
+    }
+
+    /// The connection's open calls, for the layer that counts them.
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
     }
 
     fn check_hard_end(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -95,7 +128,103 @@ impl<IO> Guarded<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Guarded<IO> {
+    /// The read's outcome once the connection is closing for idleness:
+    /// the GOAWAY goes out, the peer's bytes are dropped, and the linger's
+    /// end reads as the end of the stream. `None` while not closing.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<()>>> {
+        let idle = self.idle.as_mut()?;
+        if idle.closing().is_none() {
+            if !idle.poll_expired(cx, &self.activity) {
+                return None;
+            }
+            tracing::debug!("closing a connection idle past its timeout");
+            idle.close(self.received.last_stream());
+        }
+        let closing = idle.closing()?;
+        if let Err(error) = push_goaway(&mut self.io, closing, &self.sent, cx) {
+            return Some(Poll::Ready(Err(error)));
+        }
+        if closing.poll_over(cx) {
+            return Some(Poll::Ready(Ok(())));
+        }
+        let mut sink = [0u8; 1024];
+        for _ in 0..DISCARD_READS {
+            let mut dropped = ReadBuf::new(&mut sink);
+            match Pin::new(&mut self.io).poll_read(cx, &mut dropped) {
+                Poll::Ready(Ok(())) if dropped.filled().is_empty() => {
+                    return Some(Poll::Ready(Ok(())));
+                }
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(error)) => return Some(Poll::Ready(Err(error))),
+                Poll::Pending => return Some(Poll::Pending),
+            }
+        }
+        cx.waker().wake_by_ref();
+        Some(Poll::Pending)
+    }
+
+    /// Our GOAWAY first, if one has begun: h2's writes wait behind it.
+    fn poll_goaway_first(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(closing) = self.idle.as_mut().and_then(Idle::closing) else {
+            return Poll::Ready(Ok(()));
+        };
+        push_goaway(&mut self.io, closing, &self.sent, cx)?;
+        if closing.in_the_way() {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Tracks h2's frames while a GOAWAY of ours may still have to fit
+    /// between two of them.
+    fn track_sent<'a>(&mut self, bufs: impl IntoIterator<Item = &'a [u8]>, mut n: usize) {
+        if self.idle.is_none() {
+            return;
+        }
+        for buf in bufs {
+            let take = n.min(buf.len());
+            self.sent.feed(&buf[..take]);
+            n -= take;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Writes what is left of `closing`'s GOAWAY, once `sent` (h2's output)
+/// is at a frame boundary, then flushes it. Pending writes leave the
+/// context registered.
+fn push_goaway<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    closing: &mut super::idle::Closing,
+    sent: &FrameCounter,
+    cx: &mut Context<'_>,
+) -> io::Result<()> {
+    if !closing.start(sent.at_boundary()) {
+        return Ok(());
+    }
+    while closing.in_the_way() {
+        match Pin::new(&mut *io).poll_write(cx, closing.unwritten()) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => closing.wrote(n),
+            Poll::Ready(Err(error)) => return Err(error),
+            Poll::Pending => return Ok(()),
+        }
+    }
+    if closing.needs_flush() {
+        match Pin::new(io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => closing.flushed(),
+            Poll::Ready(Err(error)) => return Err(error),
+            Poll::Pending => {}
+        }
+    }
+    Ok(())
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,15 +232,18 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check_hard_end(cx)?;
+        if let Some(closing) = this.poll_idle(cx) {
+            return closing;
+        }
         // A loop, so that a new pause is polled (registering the waker)
         // before the read returns Pending.
         while let Some(paused) = &mut this.paused {
             ready!(paused.as_mut().poll(cx));
             this.paused = None;
             if let Some(pause) = this
-                .frames
+                .budget
                 .as_mut()
-                .and_then(|(_, b)| b.pause_at(Instant::now()))
+                .and_then(|b| b.pause_at(Instant::now()))
             {
                 this.pause(pause);
             }
@@ -122,8 +254,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
             this.replay = &this.replay[n..];
             return Poll::Ready(Ok(()));
         }
-        let Some((counter, budget)) = &mut this.frames else {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some(budget) = &mut this.budget else {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            this.received.feed(&buf.filled()[before..]);
+            return Poll::Ready(Ok(()));
         };
         // Read no more than the budget affords in the smallest frames, so
         // one read cannot hand h2 a whole buffer of them (the overdraft,
@@ -134,7 +269,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
         let mut limited = ReadBuf::new(&mut this.scratch[..limit]);
         ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
         let read = limited.filled();
-        let frames = counter.feed(read);
+        let frames = this.received.feed(read);
         buf.put_slice(read);
         if let Some(pause) = budget.spend(frames, Instant::now()) {
             this.pause(pause);
@@ -143,7 +278,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -151,7 +286,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_hard_end(cx)?;
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        ready!(this.poll_goaway_first(cx))?;
+        let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+        this.track_sent([buf], n);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -161,7 +299,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_hard_end(cx)?;
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        ready!(this.poll_goaway_first(cx))?;
+        let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+        this.track_sent(bufs.iter().map(|b| &b[..]), n);
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -251,7 +392,7 @@ mod tests {
         guarded.read_exact(&mut preface).await.expect("preface");
         // 150 frames against 100 banked: a pause of 0.5 s; then 50 more are
         // owed while paused, so the first pause ends in debt.
-        let (_, budget) = guarded.frames.as_mut().expect("metered");
+        let budget = guarded.budget.as_mut().expect("metered");
         let pause = budget.spend(150, Instant::now()).expect("overdrawn");
         assert!(budget.spend(50, Instant::now()).is_some());
         guarded.pause(pause);

@@ -1,17 +1,25 @@
 //! What one connection, and all of them together, may cost: a budget of
 //! connections per listener sized from the file-descriptor limit, a deadline
-//! for a client's first bytes, a hard end to every connection, and a frame
-//! budget per connection. The accept loops ([`crate::incoming`],
+//! for a client's first bytes, an end to idle connections, a hard end to
+//! every connection, and a budget of control frames per connection and for
+//! the listener. The accept loops ([`crate::incoming`],
 //! [`crate::metrics`]) apply them.
 
+mod activity;
 mod frames;
 mod guard;
+mod idle;
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::Semaphore;
 
-pub use self::guard::{Guarded, HTTP2_PREFACE};
+pub use self::{
+    activity::{Activity, CountOpenCalls, CountOpenCallsLayer},
+    frames::FrameShare,
+    guard::{Guarded, HTTP2_PREFACE},
+    idle::IdleRule,
+};
 
 /// File descriptors kept out of every connection budget: the binary, logs,
 /// listeners, DNS, and the Cognito client's own connections (one per call
@@ -36,20 +44,53 @@ pub struct ConnectionLimits {
     pub handshake_timeout: Duration,
     /// Age at which a connection is cut, whatever its state.
     pub hard_end_after: Option<Duration>,
-    /// HTTP/2 frames one connection may send per second.
+    /// HTTP/2 control frames one connection may send per second.
     pub frames_per_sec: Option<u32>,
+    /// Control frames all the listener's connections may send per second,
+    /// shared equally among those open.
+    pub frames_total: Option<u32>,
+    /// Time a connection may go without a call open (see `idle.rs`).
+    pub idle_timeout: Option<Duration>,
+    /// Places in `budget`.
+    pub size: usize,
 }
 
 impl ConnectionLimits {
     /// Limits with `max` connections at once.
     pub fn new(max: u64, first_bytes_timeout: Duration, handshake_timeout: Duration) -> Self {
+        let size = usize::try_from(max)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
         Self {
-            budget: Arc::new(Semaphore::new(usize::try_from(max).unwrap_or(usize::MAX))),
+            budget: Arc::new(Semaphore::new(size)),
+            size,
             first_bytes_timeout,
             handshake_timeout,
             hard_end_after: None,
             frames_per_sec: None,
+            frames_total: None,
+            idle_timeout: None,
         }
+    }
+
+    /// Each connection's share of the listener's control frames, if shared.
+    pub fn frame_share(&self) -> Option<FrameShare> {
+        self.frames_total.map(|total| FrameShare {
+            total,
+            budget: self.budget.clone(),
+            size: self.size,
+        })
+    }
+
+    /// The idle rule for this listener's connections, if it closes idle
+    /// ones: under pressure, the first-bytes timeout applies.
+    pub fn idle_rule(&self) -> Option<IdleRule> {
+        self.idle_timeout.map(|timeout| IdleRule {
+            timeout,
+            pressed_timeout: self.first_bytes_timeout.min(timeout),
+            budget: self.budget.clone(),
+            size: self.size,
+        })
     }
 }
 

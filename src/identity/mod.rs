@@ -31,6 +31,10 @@ pub struct PeerInfo {
     /// handshake already verified it against the client CA. Read once per
     /// connection, not per call.
     pub certificate_identity: Option<Arc<str>>,
+    /// The connection's open calls, counted by
+    /// [`crate::connections::CountOpenCallsLayer`] so that an idle
+    /// connection can be told from one whose call is waiting.
+    pub activity: Option<Arc<crate::connections::Activity>>,
 }
 
 /// Where a verified identity came from.
@@ -147,6 +151,7 @@ mod tests {
         PeerInfo {
             remote_addr: None,
             certificate_identity: certificate_identity(&cert).map(Arc::from),
+            activity: None,
         }
     }
 

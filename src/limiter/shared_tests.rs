@@ -306,7 +306,7 @@ async fn shared_budget_with_queue(
         max_queue: 10,
         max_wait: Duration::from_secs(1),
     };
-    let fallback = LocalBudget::start(settings.clone(), CallerSettings::default());
+    let fallback = LocalBudget::start(settings, CallerSettings::default());
     SharedBudget::new(
         client,
         SharedSettings {

@@ -12,7 +12,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::{
-    connections::ConnectionLimits,
+    connections::{ConnectionLimits, CountOpenCallsLayer},
     incoming,
     metrics::{self, Metrics, Sampled},
     signout::SignOutFlow,
@@ -58,6 +58,8 @@ pub(super) fn spawn_health_server(
     let incoming = incoming::accept(listener, None, limits);
     tokio::spawn(
         Server::builder()
+            // A Watch stream is a call open: its connection is not idle.
+            .layer(CountOpenCallsLayer)
             .add_service(health_service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;

@@ -9,6 +9,7 @@
 
 mod callers;
 mod frames;
+mod idle;
 mod metrics_port;
 mod requests;
 mod retirement;
