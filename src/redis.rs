@@ -194,8 +194,11 @@ impl RedisCallError {
     }
 }
 
+/// A Lua error (`ERR user_script:…`). Redis 7 names the script in other
+/// errors too (`READONLY … script: …`, `OOM … script: …`): those are not
+/// the script's fault.
 fn is_script_failure(error: &::redis::RedisError) -> bool {
-    error.to_string().contains("script")
+    error.code() == Some("ERR") && error.to_string().contains("script")
 }
 
 /// Cheap to clone; clones share the connection.
@@ -220,6 +223,13 @@ struct Inner {
     client: Client,
     config: ConnectionManagerConfig,
     connect_timeout: Duration,
+    /// Loaded on every new connection, so that its first calls are one
+    /// EVALSHA each, not three round trips (NOSCRIPT, SCRIPT LOAD, EVALSHA)
+    /// inside one `--redis-timeout`.
+    preload: Vec<Script>,
+    /// Counts the connections adopted: a failure on one already replaced
+    /// says nothing about the current one.
+    generation: std::sync::atomic::AtomicU64,
     timeout: Duration,
     duration: HistogramVec,
     errors: IntCounterVec,
@@ -241,7 +251,7 @@ impl Redis {
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "session_redis_duration_seconds",
-                "Duration of Redis calls that got an answer, by operation.",
+                "Duration of Redis calls by operation, timeouts included (at --redis-timeout).",
             )
             .buckets(REDIS_BUCKETS.to_vec()),
             &["op"],
@@ -262,9 +272,10 @@ impl Redis {
         // first registration; the counters then only count that one.
         let _ = registry.register(Box::new(duration.clone()));
         let _ = registry.register(Box::new(errors.clone()));
-        // Connecting (TCP, TLS, AUTH) takes longer than a call; the call
-        // timeout still bounds every request that waits on a reconnection.
-        let connect_timeout = settings.reconnect_every.min(Duration::from_secs(5));
+        // Connecting (TCP, TLS, AUTH) takes longer than a call, and happens
+        // off the request path (at start and in probes); the call timeout
+        // still bounds every request that waits on a reconnection.
+        let connect_timeout = Duration::from_secs(5);
         let redis = Self {
             inner: Arc::new(Inner {
                 manager: ArcSwapOption::empty(),
@@ -275,6 +286,8 @@ impl Redis {
                     .set_number_of_retries(1)
                     .set_max_delay(settings.reconnect_every),
                 connect_timeout,
+                preload,
+                generation: std::sync::atomic::AtomicU64::new(0),
                 timeout: settings.timeout,
                 duration,
                 errors,
@@ -283,7 +296,6 @@ impl Redis {
         };
         let task = tokio::spawn(connect_until_connected(
             settings.reconnect_every,
-            preload,
             Arc::downgrade(&redis.inner),
         ));
         let _ = redis.inner.connector.set(AbortOnDropHandle::new(task));
@@ -309,9 +321,21 @@ impl Redis {
         .await;
         let result = match made {
             Err(_) => Err(RedisCallError::Timeout(inner.connect_timeout)),
-            Ok(made) => made
-                .map(FreshConnection)
-                .map_err(RedisCallError::from_redis),
+            Ok(made) => made.map_err(RedisCallError::from_redis),
+        };
+        let result = match result {
+            Ok(mut manager) => {
+                for script in &inner.preload {
+                    // A failure here costs only the first call's NOSCRIPT.
+                    let _ = tokio::time::timeout(
+                        inner.connect_timeout,
+                        script.load_async(&mut manager),
+                    )
+                    .await;
+                }
+                Ok(FreshConnection(manager))
+            }
+            Err(error) => Err(error),
         };
         if let Err(error) = &result {
             inner.errors.with_label_values(&[error.kind()]).inc();
@@ -322,6 +346,18 @@ impl Redis {
     /// Every call from now on uses `connection`.
     pub fn adopt(&self, connection: FreshConnection) {
         self.inner.manager.store(Some(Arc::new(connection.0)));
+        self.inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Which adopted connection calls use now; compare before and after a
+    /// failed call to tell a failure of the current connection from one of
+    /// a connection already replaced.
+    pub fn generation(&self) -> u64 {
+        self.inner
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Turns true once, when the first connection is made. The receiver
@@ -425,27 +461,15 @@ fn client(settings: &RedisSettings) -> Result<Client, RedisSetupError> {
 /// Connects, retrying every `reconnect_every` while Redis cannot be
 /// reached, then hands the connection over and ends (the connection
 /// manager reconnects by itself from then on, and probes replace it).
-async fn connect_until_connected(
-    reconnect_every: Duration,
-    preload: Vec<Script>,
-    inner: std::sync::Weak<Inner>,
-) {
+async fn connect_until_connected(reconnect_every: Duration, inner: std::sync::Weak<Inner>) {
     let mut logged = false;
     loop {
         let Some(redis) = inner.upgrade().map(|inner| Redis { inner }) else {
             return;
         };
         match redis.connect_anew().await {
-            Ok(FreshConnection(mut manager)) => {
-                for script in &preload {
-                    // A failure here costs only the first call's NOSCRIPT.
-                    let _ = tokio::time::timeout(
-                        redis.inner.connect_timeout,
-                        script.load_async(&mut manager),
-                    )
-                    .await;
-                }
-                redis.adopt(FreshConnection(manager));
+            Ok(connection) => {
+                redis.adopt(connection);
                 redis.inner.connected.send_replace(true);
                 tracing::info!("connected to Redis");
                 return;

@@ -1,7 +1,7 @@
 -- One fleet-wide reservation against Cognito's quota (GCRA), on Redis's clock.
 -- KEYS[1] budget cell (hash: tat, iv)   KEYS[2] throttle (hash: rate, at)
--- KEYS[3] caller cell (hash: tat, iv), optional
--- ARGV: mode ("reserve" | "caller" | "throttled" | "probe": writes nothing), rate, burst, max_wait_us,
+-- KEYS[3] caller cell (hash: tat, iv), optional; for "probe", the probe's own key
+-- ARGV: mode ("reserve" | "caller" | "throttled" | "probe": writes only KEYS[3]), rate, burst, max_wait_us,
 --       caller_rate, caller_burst
 -- Times are microseconds on Redis's TIME. Returns {granted, wait_us, cause, rate_milli}.
 local mode = ARGV[1]
@@ -35,7 +35,10 @@ local function store(key, tat, iv)
   redis.call('PEXPIRE', key, math.max(1, math.ceil((tat - now) / 1000)) + 1000)
 end
 
+-- A write of its own (KEYS[3]), so that a Redis that refuses writes
+-- (out of memory, a read-only replica) fails the probe as it would fail a reservation.
 if mode == 'probe' then
+  redis.call('SET', KEYS[3], now, 'PX', 60000)
   return {1, 0, 'probe', math.floor(current_rate() * 1000)}
 end
 

@@ -5,7 +5,7 @@
 //!
 //! Redis trouble never stops sign-outs and never lets the full rate
 //! through: on any failure this replica switches to its local budget at
-//! the fallback rate, and a background PING after each cool-down decides
+//! the fallback rate, and a background probe after each cool-down decides
 //! when it goes back (requests never probe a Redis that just failed).
 //!
 //! What differs from the local budget: a reserved slot is final. When
@@ -200,7 +200,9 @@ impl SharedBudget {
     /// in case Redis goes away during the episode). Does not wait.
     pub fn on_throttled(&self) {
         self.inner.fallback.on_throttled();
-        if !self.inner.redis.is_connected() {
+        // While local, Redis is the probe's to ask: a throttle call failing
+        // on a dead connection would push the probe back for ever.
+        if !self.inner.mode.is_shared() {
             return;
         }
         let budget = self.clone();
@@ -261,11 +263,16 @@ impl SharedBudget {
     ) -> Result<Answer, RedisCallError> {
         let inner = &self.inner;
         let invocation = inner.invocation(op, cell, max_wait);
+        let generation = inner.redis.generation();
         let answer = inner
             .redis
             .run_script::<Answer>(op.as_str(), &invocation)
             .await;
-        inner.note(&answer);
+        // A failure of a connection a probe has replaced meanwhile says
+        // nothing about Redis now.
+        if answer.is_ok() || inner.redis.generation() == generation {
+            inner.note(&answer);
+        }
         answer
     }
 }
@@ -285,6 +292,9 @@ impl Inner {
         invocation
             .key(format!("{{{prefix}}}:budget"))
             .key(format!("{{{prefix}}}:throttle"));
+        if let Op::Probe = op {
+            invocation.key(format!("{{{prefix}}}:probe"));
+        }
         if let Some(cell) = cell {
             invocation.key(match &cell.name {
                 CallerCellName::Own(id) => format!("{{{prefix}}}:caller:{}", id.as_str()),
@@ -326,8 +336,8 @@ fn milli(rate: f64) -> u64 {
 }
 
 /// Marks the budget shared once Redis is first reached, then, whenever a
-/// call failed, probes Redis with PING after each cool-down and marks it
-/// shared again when it answers. Requests never probe: a hung Redis costs
+/// call failed, probes Redis after each cool-down (see [`probe`]) and marks
+/// it shared again when the script runs. Requests never probe: a hung Redis costs
 /// one request per replica a timeout, not one per cool-down. Holds no
 /// reference to the budget while it waits.
 async fn watch_redis(mut connected: watch::Receiver<bool>, budget: Weak<Inner>) {
@@ -372,9 +382,9 @@ async fn watch_redis(mut connected: watch::Receiver<bool>, budget: Weak<Inner>) 
 /// Whether Redis works again: on a connection of its own (a new DNS lookup
 /// and socket, so a connection that died without a reset, or a primary
 /// that moved, is not asked again), the budget script itself in a mode that
-/// writes nothing (a PING would answer where the script cannot run: out of
-/// memory, a read-only replica, an ACL). When it runs, every call uses
-/// that connection from then on.
+/// writes only a key of its own (a PING, or a script that only reads, would
+/// pass where a reservation fails: out of memory, a read-only replica).
+/// When it runs, every call uses that connection from then on.
 async fn probe(inner: &Inner) -> Result<(), RedisCallError> {
     let connection = inner.redis.connect_anew().await?;
     let invocation = inner.invocation(Op::Probe, None, Duration::ZERO);

@@ -367,10 +367,10 @@ async fn after_an_outage_the_first_probe_once_redis_is_back_makes_the_budget_sha
         .expect("a local slot");
     assert!(!budget.is_shared());
     // Let a probe fail during the outage, and restart Redis just after it:
-    // the next probe comes one cool-down later. The connection manager
-    // hands that probe the failure of a reconnection it tried while Redis
-    // was down; a probe that gave up on it would leave the budget local
-    // for a second cool-down.
+    // the next probe, one cool-down later, makes a connection of its own and
+    // finds Redis (one that reused the old connection could be handed the
+    // failure of a reconnection tried while Redis was down, and leave the
+    // budget local for a second cool-down).
     // Probes come one cool-down apart, not one after another: over three
     // cool-downs, three probes' worth of errors (each counts its failed
     // connection, and sometimes the connection manager's retry), no more.
@@ -401,26 +401,38 @@ async fn after_an_outage_the_first_probe_once_redis_is_back_makes_the_budget_sha
 async fn without_a_place_in_the_queue_a_request_still_takes_a_slot_free_now() {
     use crate::limiter::{RateLimitCause, RateLimited, Refusal};
     let redis = TestRedis::start();
+    let cooldown = Duration::from_secs(5);
+    // --max-queue 0 on this replica: nobody may wait, but the burst (10 at
+    // 100/s) is free; another replica on the same cells may queue.
     let registry = prometheus::Registry::new();
-    // --max-queue 0: nobody may wait, but the burst (10 at 100/s) is free.
-    let budget = shared_budget_with_queue(&redis, Duration::from_secs(5), &registry, 0).await;
-    assert!(
-        within(Duration::from_secs(5), || budget.is_shared())
-            .await
-            .is_some(),
-        "connected"
-    );
+    let budget = shared_budget_with_queue(&redis, cooldown, &registry, 0).await;
+    let other = shared_budget_with_queue(&redis, cooldown, &prometheus::Registry::new(), 100).await;
+    for replica in [&budget, &other] {
+        assert!(
+            within(Duration::from_secs(5), || replica.is_shared())
+                .await
+                .is_some(),
+            "connected"
+        );
+    }
     let deadline = || tokio::time::Instant::now() + Duration::from_secs(1);
     for n in 0..10 {
         let slot = budget.reserve(deadline(), None).await;
         assert!(slot.is_ok_and(|s| s.is_granted()), "slot {n} of the burst");
     }
+    // The other replica queues for the next 50 slots (10 ms apart)...
+    let mut queued = Vec::new();
+    for _ in 0..50 {
+        queued.push(other.reserve(deadline(), None).await.expect("queued"));
+    }
+    // ...so this one's refusal says the 51st slot, about 510 ms away: the
+    // script's answer, not one interval (room for a slow machine).
     match budget.reserve(deadline(), None).await {
         Err(Refusal::Budget(RateLimited {
             retry_after,
             cause: RateLimitCause::QueueFull,
         })) => assert!(
-            retry_after > Duration::ZERO && retry_after <= Duration::from_millis(10),
+            retry_after > Duration::from_millis(250) && retry_after <= Duration::from_millis(520),
             "the script says when the next slot comes: {retry_after:?}"
         ),
         other => panic!("expected QueueFull, got {other:?}"),

@@ -190,8 +190,8 @@ async fn the_first_probe_after_redis_is_back_finds_it() {
     // Act: Redis back just after a probe failed (the switch is the first
     // error, that probe the second), and after redis-rs's own retry of the
     // reconnection that probe started (within 200 ms). The next probe, a
-    // cool-down later, is handed that reconnection's failure by the
-    // connection manager: it must look past it and find Redis.
+    // cool-down later, must find Redis: on a connection of its own, not one
+    // that hands it the failure of a reconnection tried during the outage.
     let probed = replica
         .wait_for_redis_errors(2.0, COOLDOWN + every + REDIS_TIMEOUT + MARGIN)
         .await;
