@@ -4,7 +4,11 @@
 //! connection's open calls in state it shares with that connection's I/O
 //! (through tonic's connect info, a request extension). A call is open from
 //! the moment hyper hands it to the service until its response body is
-//! dropped (sent, or the call cancelled): a streaming response keeps it open.
+//! dropped (sent, or the call cancelled). Only the service's own calls
+//! count: a health Watch or a reflection stream stays open as long as the
+//! peer likes, so counting it would let one stream per connection hold the
+//! connection budget until the hard end. Such a stream on an otherwise idle
+//! connection is ended with it (the client reconnects).
 
 use std::{
     pin::Pin,
@@ -19,6 +23,10 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 use crate::identity::PeerInfo;
+
+/// The calls that keep a connection from being idle: the service's own
+/// unary RPCs, which end by themselves.
+const COUNTED_CALLS: &str = "/session.v1.SessionService/";
 
 /// One connection's calls: how many are open, and when one last started or
 /// ended. One lock for both, so a reader never sees the count drop to zero
@@ -94,8 +102,11 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let call = request
-            .extensions()
-            .get::<PeerInfo>()
+            .uri()
+            .path()
+            .starts_with(COUNTED_CALLS)
+            .then(|| request.extensions().get::<PeerInfo>())
+            .flatten()
             .and_then(|peer| peer.activity.as_ref())
             .map(Activity::open_call);
         let response = self.inner.call(request);
@@ -174,11 +185,27 @@ mod tests {
                 Body::new(body),
             )))
         }));
-        let mut request = http::Request::new(());
-        request.extensions_mut().insert(peer);
-        let response = service.call(request).await.expect("response");
+        let request = |path: &str| {
+            let mut request = http::Request::builder()
+                .uri(path)
+                .body(())
+                .expect("request");
+            request.extensions_mut().insert(peer.clone());
+            request
+        };
+        let response = service
+            .call(request("/session.v1.SessionService/GlobalSignOut"))
+            .await
+            .expect("response");
         assert_eq!(activity.quiet_for(Instant::now()), None);
         drop(response);
         assert!(activity.quiet_for(Instant::now()).is_some());
+
+        // A stream the peer can keep open for ever does not count.
+        let watch = service
+            .call(request("/grpc.health.v1.Health/Watch"))
+            .await
+            .expect("response");
+        assert!(activity.quiet_for(Instant::now()).is_some(), "{watch:?}");
     }
 }
