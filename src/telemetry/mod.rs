@@ -9,7 +9,7 @@ mod user_hash;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{ExporterBuildError, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
-use std::os::fd::AsFd;
+use std::{os::fd::AsFd, time::Duration};
 
 use tracing::Subscriber;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
@@ -122,8 +122,8 @@ where
 /// (`session_log_lines_dropped_total`) rather than blocking the tokio
 /// workers, which would stall every call, health check and scrape until the
 /// pod is killed for it. Keep the guard until exit: dropping it flushes what
-/// is still queued.
-pub fn stdout_writer() -> (NonBlocking, WorkerGuard) {
+/// is still queued, for [`FLUSH_AT_EXIT`] at most.
+pub fn stdout_writer() -> (NonBlocking, FlushOnExit) {
     // A buffered handle on fd 1: `io::stdout()` itself flushes every line.
     // The worker flushes after each batch, so nothing waits in the buffer.
     let out: Box<dyn std::io::Write + Send + Sync> =
@@ -133,10 +133,40 @@ pub fn stdout_writer() -> (NonBlocking, WorkerGuard) {
         };
     // The queue's slots are allocated up front: the default 128k lines
     // cost 4 MiB of resident memory (measured), 8192 cost 256 KiB.
-    NonBlockingBuilder::default()
+    let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(LOG_QUEUE_LINES)
-        .finish(out)
+        .finish(out);
+    (writer, FlushOnExit(Some(guard)))
+}
+
+/// How long the process waits at exit for queued log lines to be written.
+pub const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
+
+/// Flushes the log writer when dropped, but waits [`FLUSH_AT_EXIT`] at most:
+/// with stdout stalled, tracing-appender's own guard never returns (when
+/// its worker does not answer in time it reports so with `println!`, which
+/// blocks on the full pipe), and the process would hang at exit until the
+/// pod is killed. Its drop runs on a thread of its own, left behind at exit.
+#[derive(Debug)]
+pub struct FlushOnExit(Option<WorkerGuard>);
+
+impl Drop for FlushOnExit {
+    fn drop(&mut self) {
+        let Some(guard) = self.0.take() else {
+            return;
+        };
+        let (done, flushed) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("log-flush".into())
+            .spawn(move || {
+                drop(guard);
+                let _ = done.send(());
+            });
+        if spawned.is_ok() {
+            let _ = flushed.recv_timeout(FLUSH_AT_EXIT);
+        }
+    }
 }
 
 /// Lines the log writer holds before it drops new ones.
