@@ -181,7 +181,7 @@ fn server_defaults() -> Config {
 }
 
 #[test]
-fn probes_are_native_grpc_health_checks_on_the_serving_port() {
+fn probes_are_native_grpc_health_checks_on_a_health_port_of_their_own() {
     for r in rendered() {
         let container = r.container();
         let listen = r.port_of("SESSION_LISTEN").expect("SESSION_LISTEN");
@@ -191,8 +191,13 @@ fn probes_are_native_grpc_health_checks_on_the_serving_port() {
             "{}: the listen port is declared",
             r.name
         );
-        // With TLS on the API port, probes use the plaintext health port.
-        let probed = r.port_of("SESSION_HEALTH_LISTEN").unwrap_or(listen);
+        // Never the API port: a flood that fills its connection budget
+        // would fail the probes and restart the pods (and kubelet probes
+        // cannot speak TLS).
+        let probed = r
+            .port_of("SESSION_HEALTH_LISTEN")
+            .unwrap_or_else(|| panic!("{}: no SESSION_HEALTH_LISTEN", r.name));
+        assert_ne!(probed, listen, "{}: probes on the API port", r.name);
         assert!(
             ports.iter().any(|p| p["containerPort"] == probed),
             "{}: the probed port is declared",
