@@ -24,7 +24,7 @@ use tonic_types::StatusExt;
 
 use crate::{
     fake_cognito::{FakeCognito, Reply},
-    helpers::{POOL, assert_error, binary, channel, metrics_text},
+    helpers::{POOL, assert_error, binary, channel, max_in_window, metrics_text, percentile},
     redis_server::TestRedis,
 };
 
@@ -201,20 +201,6 @@ fn count_between(arrivals: &[Instant], from: Instant, to: Instant) -> usize {
     arrivals.iter().filter(|&&t| from <= t && t < to).count()
 }
 
-/// The most arrivals in any window of `window`, from sorted `arrivals`.
-fn busiest(arrivals: &[Instant], window: Duration) -> usize {
-    (0..arrivals.len())
-        .map(|i| arrivals[i..].partition_point(|&t| t < arrivals[i] + window))
-        .max()
-        .unwrap_or(0)
-}
-
-fn p99(mut latencies: Vec<Duration>) -> Duration {
-    latencies.sort();
-    let at = ((latencies.len().max(1) - 1) as f64 * 0.99).round() as usize;
-    latencies.get(at).copied().unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_at_ten_times_the_rate_give_cognito_the_fleet_rate_once() {
     let _one_fleet = ONE_FLEET.lock().await;
@@ -242,7 +228,7 @@ async fn three_replicas_at_ten_times_the_rate_give_cognito_the_fleet_rate_once()
     let admitted = count_between(&arrivals, first, last);
     let expected = BURST + RATE * (last - first).as_secs_f64();
     // GCRA's bound: the burst plus a second's worth, in any second.
-    let busiest = busiest(&arrivals, Duration::from_secs(1));
+    let busiest = max_in_window(&arrivals, Duration::from_secs(1));
     let mut refused = Vec::new();
     for o in &offered {
         if let Err(status) = &o.result {
@@ -253,7 +239,8 @@ async fn three_replicas_at_ten_times_the_rate_give_cognito_the_fleet_rate_once()
         }
     }
     let signed_out = offered.len() - refused.len();
-    let refusal_p99 = p99(refused);
+    refused.sort();
+    let refusal_p99 = percentile(&refused, 0.99);
     println!(
         "fleet accuracy: 3 replicas, {RATE}/s burst {BURST}; offered {} over {:.3} s; \
          admitted (Cognito arrivals in that span) {admitted}, expected {expected:.1}; \

@@ -174,6 +174,25 @@ pub(crate) async fn metrics_text(addr: SocketAddr) -> String {
     body.to_owned()
 }
 
+/// The most of `arrivals` in any window `[a, a + window)` starting at one
+/// of them (the busiest second at a fake Cognito, say).
+pub(crate) fn max_in_window(arrivals: &[std::time::Instant], window: Duration) -> usize {
+    let mut sorted = arrivals.to_vec();
+    sorted.sort();
+    (0..sorted.len())
+        .map(|i| sorted[i..].partition_point(|&t| t < sorted[i] + window))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The `p` quantile (0..=1) of `sorted`, nearest rank; zero when empty.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
 /// A fresh directory of this test's own under the target's temp dir.
 pub(crate) fn scratch_dir(name: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -10,7 +10,7 @@ use tonic_types::StatusExt;
 
 use crate::{
     fake_cognito::{FakeCognito, Reply},
-    helpers::{POOL, TestApp, assert_error, metrics_text, test_config},
+    helpers::{POOL, TestApp, assert_error, max_in_window, metrics_text, percentile, test_config},
 };
 
 type CallResult = Result<String, Status>;
@@ -59,28 +59,6 @@ async fn offer(
         results.push(call.await.expect("call task"));
     }
     results
-}
-
-/// The most requests the fake saw in any window of `window` length.
-fn max_in_window(arrivals: &[Instant], window: Duration) -> usize {
-    let mut sorted = arrivals.to_vec();
-    sorted.sort();
-    (0..sorted.len())
-        .map(|i| {
-            sorted[i..]
-                .iter()
-                .take_while(|t| **t < sorted[i] + window)
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 #[tokio::test]

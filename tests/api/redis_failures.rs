@@ -25,7 +25,7 @@ use tonic::{Code, Status, transport::Channel};
 
 use crate::{
     fake_cognito::{FakeCognito, Reply},
-    helpers::{self, POOL, assert_error},
+    helpers::{self, POOL, assert_error, max_in_window},
     redis_server::TestRedis,
 };
 
@@ -110,7 +110,7 @@ async fn a_killed_redis_costs_no_sign_out_and_each_replica_keeps_to_its_fallback
             .into_iter()
             .filter(|at| (killed..restarted).contains(at))
             .collect();
-        let busiest = busiest_second(&outage);
+        let busiest = max_in_window(&outage, Duration::from_secs(1));
         timeline.note(format!(
             "{}: Cognito calls during the outage {}, at most {busiest} in one second \
              (cap {FALLBACK_RPS} + {FALLBACK_BURST}); Redis errors {}",
@@ -846,22 +846,6 @@ impl Timeline {
             println!("        {note}");
         }
     }
-}
-
-/// The most `arrivals` in any one-second window `[a, a + 1 s)` starting at
-/// one of them.
-fn busiest_second(arrivals: &[Instant]) -> usize {
-    let mut sorted = arrivals.to_vec();
-    sorted.sort();
-    (0..sorted.len())
-        .map(|i| {
-            sorted[i..]
-                .iter()
-                .take_while(|at| **at < sorted[i] + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 async fn sleep_until(at: Instant) {
