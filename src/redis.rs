@@ -308,8 +308,8 @@ impl Redis {
         self.inner.manager.load().is_some()
     }
 
-    /// A new connection, not yet used by anyone else; bounded by the
-    /// connect timeout (`--redis-cooldown`, at most 5 s).
+    /// A new connection, not yet used by anyone else, with the scripts
+    /// loaded; bounded by the connect timeout (5 s).
     pub async fn connect_anew(&self) -> Result<FreshConnection, RedisCallError> {
         let inner = &self.inner;
         let made = tokio::time::timeout(
@@ -319,28 +319,17 @@ impl Redis {
                 .get_connection_manager_with_config(inner.config.clone()),
         )
         .await;
-        let result = match made {
+        let mut manager = match made {
             Err(_) => Err(RedisCallError::Timeout(inner.connect_timeout)),
             Ok(made) => made.map_err(RedisCallError::from_redis),
-        };
-        let result = match result {
-            Ok(mut manager) => {
-                for script in &inner.preload {
-                    // A failure here costs only the first call's NOSCRIPT.
-                    let _ = tokio::time::timeout(
-                        inner.connect_timeout,
-                        script.load_async(&mut manager),
-                    )
-                    .await;
-                }
-                Ok(FreshConnection(manager))
-            }
-            Err(error) => Err(error),
-        };
-        if let Err(error) = &result {
-            inner.errors.with_label_values(&[error.kind()]).inc();
         }
-        result
+        .inspect_err(|error| self.count(error))?;
+        for script in &inner.preload {
+            // A failure here costs only the first call's NOSCRIPT.
+            let _ =
+                tokio::time::timeout(inner.connect_timeout, script.load_async(&mut manager)).await;
+        }
+        Ok(FreshConnection(manager))
     }
 
     /// Every call from now on uses `connection`.
@@ -373,8 +362,9 @@ impl Redis {
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, RedisCallError> {
         let Some(manager) = self.inner.manager.load_full() else {
-            self.inner.errors.with_label_values(&["connection"]).inc();
-            return Err(RedisCallError::NotConnected);
+            let error = RedisCallError::NotConnected;
+            self.count(&error);
+            return Err(error);
         };
         self.bounded(op, ConnectionManager::clone(&manager), invocation)
             .await
@@ -409,14 +399,16 @@ impl Redis {
             .duration
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
-        let result = match answer {
+        match answer {
             Err(_) => Err(RedisCallError::Timeout(self.inner.timeout)),
             Ok(answer) => answer.map_err(RedisCallError::from_redis),
-        };
-        if let Err(error) = &result {
-            self.inner.errors.with_label_values(&[error.kind()]).inc();
         }
-        result
+        .inspect_err(|error| self.count(error))
+    }
+
+    /// `session_redis_errors_total{kind}`.
+    fn count(&self, error: &RedisCallError) {
+        self.inner.errors.with_label_values(&[error.kind()]).inc();
     }
 }
 
