@@ -3,6 +3,7 @@
 
 mod connections;
 mod redis;
+mod revocation;
 mod security;
 mod tokens;
 
@@ -11,6 +12,7 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Parser, ValueEnum};
 pub use connections::ConnectionConfig;
 pub use redis::RedisConfig;
+pub use revocation::RevocationConfig;
 pub use security::SecurityConfig;
 pub use tokens::TokenConfig;
 
@@ -51,6 +53,10 @@ pub struct Config {
     /// The fleet's shared budget in Redis, and its local fallback.
     #[command(flatten)]
     pub redis: RedisConfig,
+
+    /// Revocation watermarks: skew, lifetime, watchers.
+    #[command(flatten)]
+    pub revocation: RevocationConfig,
 
     /// User pool used when a request leaves user_pool_id empty. Without it,
     /// such requests fail with INVALID_ARGUMENT.

@@ -8,7 +8,9 @@ use regex::Regex;
 use crate::proto::GlobalSignOutRequest;
 
 mod verify;
+mod watch;
 pub use verify::{BearerToken, ClientId, ExpectedUse, MAX_TOKEN_BYTES, VerifyCommand};
+pub use watch::WatchCommand;
 
 /// Cognito's documented pattern for a user pool id. `\w` is spelled out in
 /// ASCII because AWS means the Java (ASCII) class, while Rust's is Unicode.

@@ -12,6 +12,7 @@ use crate::{
     domain::InvalidField,
     identity::IdentityError,
     limiter::{CallerRateLimited, RateLimitCause, RateLimited, Refusal},
+    revocation::{WatchEnd, WatchRefused},
     tokens::KeysUnavailable,
 };
 
@@ -64,6 +65,13 @@ pub enum SignOutError {
     /// cached. Not the token's fault, so never `active = false`.
     #[error(transparent)]
     KeysUnavailable(#[from] KeysUnavailable),
+    /// WatchRevocations: no new stream now.
+    #[error(transparent)]
+    WatchRefused(#[from] WatchRefused),
+    /// WatchRevocations: the stream ended early; the client resumes with
+    /// its cursor.
+    #[error(transparent)]
+    WatchEnded(#[from] WatchEnd),
 }
 
 /// A failed AdminUserGlobalSignOut call, after the service's retries.
@@ -397,6 +405,34 @@ fn status_parts(error: &SignOutError) -> (StatusRow, ErrorDetails, HashMap<Strin
                 true,
             ),
             ErrorDetails::new(),
+        ),
+        SignOutError::WatchRefused(WatchRefused::TooManyWatchers) => (
+            row(
+                Code::ResourceExhausted,
+                "TOO_MANY_WATCHERS",
+                "too many revocation watchers are connected",
+                true,
+            ),
+            ErrorDetails::with_retry_info(Some(RETRY_DELAY)),
+        ),
+        SignOutError::WatchRefused(WatchRefused::ShuttingDown)
+        | SignOutError::WatchEnded(WatchEnd::ShuttingDown) => (
+            row(
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+                "the server is shutting down: reconnect with the last cursor",
+                true,
+            ),
+            ErrorDetails::with_retry_info(Some(Duration::ZERO)),
+        ),
+        SignOutError::WatchEnded(WatchEnd::LogReset) => (
+            row(
+                Code::Unavailable,
+                "REVOCATION_LOG_RESET",
+                "the revocation log was lost and is being rebuilt: reconnect with the last cursor",
+                true,
+            ),
+            ErrorDetails::with_retry_info(Some(Duration::ZERO)),
         ),
         SignOutError::Upstream(upstream) => {
             if let Some(id) = &upstream.aws_request_id {

@@ -30,6 +30,7 @@ pub mod pools;
 pub mod redis;
 pub mod reload;
 pub mod request_guard;
+pub mod revocation;
 pub mod service;
 pub mod signout;
 pub mod startup;

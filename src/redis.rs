@@ -311,12 +311,25 @@ impl Redis {
     /// A new connection, not yet used by anyone else, with the scripts
     /// loaded; bounded by the connect timeout (5 s).
     pub async fn connect_anew(&self) -> Result<FreshConnection, RedisCallError> {
+        self.connect_with(self.inner.config.clone()).await
+    }
+
+    /// A new connection for blocking reads (`XREAD BLOCK`): redis-rs's own
+    /// response timeout (500 ms) is off, so every call on it must pass its
+    /// own bound to [`Redis::query_on`].
+    pub async fn connect_for_blocking_reads(&self) -> Result<FreshConnection, RedisCallError> {
+        self.connect_with(self.inner.config.clone().set_response_timeout(None))
+            .await
+    }
+
+    async fn connect_with(
+        &self,
+        config: ConnectionManagerConfig,
+    ) -> Result<FreshConnection, RedisCallError> {
         let inner = &self.inner;
         let made = tokio::time::timeout(
             inner.connect_timeout,
-            inner
-                .client
-                .get_connection_manager_with_config(inner.config.clone()),
+            inner.client.get_connection_manager_with_config(config),
         )
         .await;
         let mut manager = match made {
@@ -390,17 +403,82 @@ impl Redis {
         mut connection: ConnectionManager,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, RedisCallError> {
+        self.measured(
+            op,
+            self.inner.timeout,
+            invocation.invoke_async(&mut connection),
+        )
+        .await
+    }
+
+    /// Runs a command on the shared connection, bounded by `--redis-timeout`.
+    pub async fn query<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        command: &::redis::Cmd,
+    ) -> Result<T, RedisCallError> {
+        let Some(manager) = self.inner.manager.load_full() else {
+            let error = RedisCallError::NotConnected;
+            self.count(&error);
+            return Err(error);
+        };
+        let mut connection = ConnectionManager::clone(&manager);
+        self.measured(op, self.inner.timeout, command.query_async(&mut connection))
+            .await
+    }
+
+    /// Sends a pipeline on the shared connection, bounded by `timeout`.
+    pub async fn pipeline<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        pipeline: &::redis::Pipeline,
+        timeout: Duration,
+    ) -> Result<T, RedisCallError> {
+        let Some(manager) = self.inner.manager.load_full() else {
+            let error = RedisCallError::NotConnected;
+            self.count(&error);
+            return Err(error);
+        };
+        let mut connection = ConnectionManager::clone(&manager);
+        self.measured(op, timeout, pipeline.query_async(&mut connection))
+            .await
+    }
+
+    /// Runs a command on `connection`, bounded by `timeout` (for a blocking
+    /// read: its block time plus `--redis-timeout`).
+    pub async fn query_on<T: FromRedisValue>(
+        &self,
+        connection: &FreshConnection,
+        op: &'static str,
+        command: &::redis::Cmd,
+        timeout: Duration,
+    ) -> Result<T, RedisCallError> {
+        let mut connection = connection.0.clone();
+        self.measured(op, timeout, command.query_async(&mut connection))
+            .await
+    }
+
+    /// `--redis-timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// One call: timed, bounded, its failure classified and counted.
+    async fn measured<T>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        call: impl std::future::Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, RedisCallError> {
         let started = tokio::time::Instant::now();
-        let answer =
-            tokio::time::timeout(self.inner.timeout, invocation.invoke_async(&mut connection))
-                .await;
+        let answer = tokio::time::timeout(timeout, call).await;
         // Timeouts are observed too: a slow Redis shows in the histogram.
         self.inner
             .duration
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
         match answer {
-            Err(_) => Err(RedisCallError::Timeout(self.inner.timeout)),
+            Err(_) => Err(RedisCallError::Timeout(timeout)),
             Ok(answer) => answer.map_err(RedisCallError::from_redis),
         }
         .inspect_err(|error| self.count(error))

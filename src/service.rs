@@ -3,6 +3,7 @@
 //! the sign-out flow, VerifyToken (in [`verify`]) to the token verifier.
 
 mod verify;
+mod watch;
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,8 +21,9 @@ use crate::{
     pools::PoolPolicy,
     proto::{
         GlobalSignOutRequest, GlobalSignOutResponse, VerifyTokenRequest, VerifyTokenResponse,
-        session_service_server::SessionService,
+        WatchRevocationsRequest, session_service_server::SessionService,
     },
+    revocation::Revocations,
     signout::{JobCaller, SignOutCall, SignOutFlow},
     telemetry::{AccessNote, UserHasher},
     tokens::Tokens,
@@ -67,6 +69,7 @@ pub struct SessionApi {
     users: UserLogging,
     metrics: Arc<Metrics>,
     tokens: Tokens,
+    revocations: Revocations,
 }
 
 impl SessionApi {
@@ -81,6 +84,7 @@ impl SessionApi {
         users: UserLogging,
         metrics: Arc<Metrics>,
         tokens: Tokens,
+        revocations: Revocations,
     ) -> Self {
         Self {
             flow,
@@ -90,6 +94,7 @@ impl SessionApi {
             users,
             metrics,
             tokens,
+            revocations,
         }
     }
 
@@ -228,6 +233,21 @@ impl SessionService for SessionApi {
         match self.verify(&metadata, peer, message, &note).await {
             Ok(response) => Ok(Response::new(response)),
             Err(error) => Err(self.refuse(error, "token verification")),
+        }
+    }
+
+    type WatchRevocationsStream = watch::RevocationStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let (metadata, extensions, message) = request.into_parts();
+        let note = extensions.get::<AccessNote>().cloned().unwrap_or_default();
+        let peer = extensions.get::<PeerInfo>();
+        match self.watch(&metadata, peer, message, &note) {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(error) => Err(self.refuse(error, "revocation watch")),
         }
     }
 }

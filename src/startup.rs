@@ -37,6 +37,7 @@ use crate::{
     redis::{Redis, RedisSettings},
     reload::{self, Watched},
     request_guard::RequestGuardLayer,
+    revocation::{self, RevocationMetrics, Revocations},
     service::{CallerPolicy, SessionApi, UserLogging},
     signout::SignOutFlow,
     telemetry::{RpcTelemetryLayer, UserHasher},
@@ -53,6 +54,10 @@ const MAX_PENDING_RESET_STREAMS: usize = 20;
 /// INVALID_ARGUMENT beyond that) and its client ids; anything bigger is
 /// hostile, and refusing it before decoding costs nothing.
 const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
+/// Health turns SERVING at the latest this long after start, loaded
+/// revocation log or not.
+const READY_WITHOUT_REVOCATIONS_AFTER: Duration = Duration::from_secs(10);
 
 /// What [`check`] derives from valid configuration.
 pub struct Checked {
@@ -109,9 +114,10 @@ fn connection_budget(config: &Config) -> Result<u64, StartupError> {
     } else {
         1
     };
-    // Redis: one connection, and a second while it reconnects.
+    // Redis: the shared connection and the revocation log's reader, and
+    // a second of each while they reconnect.
     let redis = if config.redis.redis_url.is_some() {
-        2
+        4
     } else {
         0
     };
@@ -126,17 +132,13 @@ fn connection_budget(config: &Config) -> Result<u64, StartupError> {
 
 /// The Cognito budget: this process's own, or with Redis the fleet's, with
 /// a local fallback at the fallback rate.
-fn budget(
-    config: &Config,
-    redis: Option<&RedisSettings>,
-    metrics: &Metrics,
-) -> Result<Budget, StartupError> {
+fn budget(config: &Config, redis: Option<Redis>, metrics: &Metrics) -> Budget {
     let fleet = config.budget();
     let Some(redis) = redis else {
         let mode = mode_gauge(metrics.registry());
         mode.with_label_values(&["local"]).set(1);
         mode.with_label_values(&["shared"]).set(0);
-        return Ok(Budget::Local(LocalBudget::start(fleet, config.callers())));
+        return Budget::Local(LocalBudget::start(fleet, config.callers()));
     };
     let fallback_rate = config.redis.fallback_rate(fleet.rate_per_sec);
     let fallback = LocalBudget::start(
@@ -161,13 +163,36 @@ fn budget(
         cooldown: config.redis.redis_cooldown,
         key_prefix: config.redis.redis_key_prefix.clone(),
     };
-    let redis = Redis::connect(redis, metrics.registry(), vec![budget_script()])?;
-    Ok(Budget::Shared(SharedBudget::new(
+    Budget::Shared(SharedBudget::new(
         redis,
         settings,
         fallback,
         metrics.registry(),
-    )))
+    ))
+}
+
+/// The revocation watermarks: in Redis beside the budget, or in this
+/// process only, which the operator is warned of.
+fn revocations(config: &Config, redis: Option<Redis>, metrics: &Metrics) -> Revocations {
+    let settings = config.revocation.settings();
+    let metrics = RevocationMetrics::new(metrics.registry());
+    match redis {
+        Some(redis) => Revocations::with_redis(
+            settings,
+            redis,
+            &config.redis.redis_key_prefix,
+            config.redis.redis_cooldown,
+            metrics,
+        ),
+        None => {
+            tracing::warn!(
+                "revocation watermarks are kept in this process only (no --redis-url): they are \
+                 lost at restart and other replicas never see them, so a token revoked here stays \
+                 active in VerifyToken elsewhere"
+            );
+            Revocations::in_memory(settings, metrics)
+        }
+    }
 }
 
 fn user_hasher(config: &Config) -> Result<UserHasher, StartupError> {
@@ -201,6 +226,7 @@ pub struct Application {
     metrics: Arc<Metrics>,
     flow: SignOutFlow,
     api: SessionApi,
+    revocations: Revocations,
     lifecycle: Lifecycle,
     log_drops: Option<ErrorCounter>,
 }
@@ -273,11 +299,19 @@ impl Application {
         let cognito = Cognito::new(sdk_config, &config.upstream());
         let metrics = Arc::new(Metrics::new());
         metrics.configured_rate.set(config.rate_limit_rps);
-        let tokens = tokens(config, &metrics)?;
+        // One client for the budget and the revocation log.
+        let redis = redis
+            .map(|settings| {
+                let scripts = [vec![budget_script()], revocation::scripts()].concat();
+                Redis::connect(&settings, metrics.registry(), scripts)
+            })
+            .transpose()?;
+        let revocations = revocations(config, redis.clone(), &metrics);
+        let tokens = tokens(config, &metrics, revocations.clone())?;
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             Arc::new(cognito),
-            budget(config, redis.as_ref(), &metrics)?,
+            budget(config, redis, &metrics),
             max_in_flight,
             config.retry(),
             metrics.clone(),
@@ -314,7 +348,9 @@ impl Application {
                 },
                 metrics,
                 tokens,
+                revocations.clone(),
             ),
+            revocations,
             lifecycle: Lifecycle {
                 drain_delay: config.drain_delay,
                 shutdown_grace: config.shutdown_grace,
@@ -372,18 +408,47 @@ impl Application {
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let lifecycle = self.lifecycle;
+        // Ready once the revocation log is loaded, so that VerifyToken here
+        // knows every watermark; bounded, so that a Redis outage at start
+        // does not keep a whole rollout unready.
+        let ready = {
+            let health = health.clone();
+            let mut caught_up = self.revocations.caught_up();
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                let loaded = tokio::time::timeout(
+                    READY_WITHOUT_REVOCATIONS_AFTER,
+                    caught_up.wait_for(|loaded| *loaded),
+                )
+                .await
+                .is_ok_and(|changed| changed.is_ok());
+                if !loaded {
+                    tracing::warn!(
+                        after = ?READY_WITHOUT_REVOCATIONS_AFTER,
+                        "ready without the revocation log loaded: VerifyToken here misses watermarks \
+                         recorded by other replicas until Redis answers"
+                    );
+                }
+                set_health(&health, ServingStatus::Serving).await;
+            }))
+        };
         // Set when the drain delay is over: the end of the shutdown grace.
         let (grace_end_tx, grace_end) = tokio::sync::watch::channel(None);
         let stop_accepting = {
             let health = health.clone();
+            let revocations = self.revocations.clone();
             async move {
                 shutdown.await;
+                // Never SERVING again once draining.
+                drop(ready);
                 set_health(&health, ServingStatus::NotServing).await;
                 tracing::info!(drain_delay = ?lifecycle.drain_delay, "shutdown requested: health NOT_SERVING, still serving");
                 // Endpoint removal takes a while to reach every load balancer
                 // and client; calls that arrive meanwhile are still served.
                 tokio::time::sleep(lifecycle.drain_delay).await;
                 tracing::info!("drain delay over: refusing new calls, finishing in-flight ones");
+                // Watch streams never finish by themselves: their clients
+                // resume elsewhere with their cursors.
+                revocations.close_watchers();
                 let _ = grace_end_tx.send(Some(Instant::now() + lifecycle.shutdown_grace));
             }
         };
@@ -416,7 +481,6 @@ impl Application {
             lifecycle.limits(lifecycle.max_connections),
         );
 
-        set_health(&health, ServingStatus::Serving).await;
         tracing::info!(addr = %self.local_addr, metrics_addr = %self.metrics_addr, "serving session.v1.SessionService");
         let server = Server::builder()
             // GOAWAY at this age makes clients reconnect, so connections
@@ -493,11 +557,20 @@ impl Application {
 
 /// The token verifier: JWKS from `--cognito-endpoint` (moto) or the
 /// region's Cognito endpoint; the issuer is always the AWS form.
-fn tokens(config: &Config, metrics: &Metrics) -> Result<Tokens, StartupError> {
+fn tokens(
+    config: &Config,
+    metrics: &Metrics,
+    revocations: Revocations,
+) -> Result<Tokens, StartupError> {
     let settings = config.tokens.settings();
     let source = HttpJwksSource::new(config.cognito_endpoint.as_deref(), settings.fetch_timeout)?;
     let token_metrics = TokenMetrics::register(metrics.registry())?;
-    Ok(Tokens::new(Arc::new(source), &settings, token_metrics))
+    Ok(Tokens::new(
+        Arc::new(source),
+        &settings,
+        revocations,
+        token_metrics,
+    ))
 }
 
 /// Binds `addr`, returning the listener and the address actually bound.

@@ -70,6 +70,7 @@ impl SessionApi {
                     InactiveReason::Expired => proto::InactiveReason::Expired,
                     InactiveReason::WrongTokenUse => proto::InactiveReason::WrongTokenUse,
                     InactiveReason::WrongClient => proto::InactiveReason::WrongClient,
+                    InactiveReason::Revoked => proto::InactiveReason::Revoked,
                 }
                 .into(),
                 ..Default::default()

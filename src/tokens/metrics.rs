@@ -9,6 +9,7 @@ const RESULTS: &[&str] = &[
     "expired",
     "wrong_token_use",
     "wrong_client",
+    "revoked",
     "unavailable",
 ];
 

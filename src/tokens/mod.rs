@@ -19,7 +19,10 @@ pub use self::{
         ActiveToken, Expectations, InactiveReason, KeysUnavailable, TokenUse, Verdict, Verifier,
     },
 };
-use crate::domain::{BearerToken, UserPoolId};
+use crate::{
+    domain::{BearerToken, UserPoolId},
+    revocation::Revocations,
+};
 
 /// The token flags, resolved.
 #[derive(Debug, Clone)]
@@ -32,18 +35,23 @@ pub struct TokenSettings {
     pub fetch_timeout: Duration,
 }
 
-/// The verifier and its metrics: one per process.
+/// The verifier, the watermarks it checks last, and its metrics: one per
+/// process.
 #[derive(Debug, Clone)]
 pub struct Tokens {
     verifier: Verifier,
+    revocations: Revocations,
     metrics: TokenMetrics,
 }
 
 impl Tokens {
-    /// A verifier of tokens issued in `region`, keys from `source`.
+    /// A verifier of tokens issued in `region`, keys from `source`; a
+    /// token that passes every check is still inactive when `revocations`
+    /// holds a watermark at or after its sign-in.
     pub fn new(
         source: Arc<dyn JwksSource>,
         settings: &TokenSettings,
+        revocations: Revocations,
         metrics: TokenMetrics,
     ) -> Self {
         let fetches = metrics.jwks_fetches.clone();
@@ -54,6 +62,7 @@ impl Tokens {
         });
         Self {
             verifier: Verifier::new(Arc::new(cache), settings.leeway),
+            revocations,
             metrics,
         }
     }
@@ -67,7 +76,17 @@ impl Tokens {
         expect: &Expectations<'_>,
     ) -> Result<Verdict, KeysUnavailable> {
         let started = Instant::now();
-        let verdict = self.verifier.verify(token, pool, expect).await;
+        let verdict = match self.verifier.verify(token, pool, expect).await {
+            // Last, and in memory: a revoked token costs what an active one does.
+            Ok(Verdict::Active(active))
+                if self
+                    .revocations
+                    .is_revoked(pool, &active.sub, active.auth_time) =>
+            {
+                Ok(Verdict::Inactive(InactiveReason::Revoked))
+            }
+            other => other,
+        };
         let result = match &verdict {
             Ok(Verdict::Active(_)) => "active",
             Ok(Verdict::Inactive(reason)) => reason.label(),

@@ -61,6 +61,8 @@ pub enum InactiveReason {
     WrongTokenUse,
     /// Issued to a client the caller does not accept.
     WrongClient,
+    /// Signed in at or before the user's revocation watermark.
+    Revoked,
 }
 
 impl InactiveReason {
@@ -71,6 +73,7 @@ impl InactiveReason {
             Self::Expired => "expired",
             Self::WrongTokenUse => "wrong_token_use",
             Self::WrongClient => "wrong_client",
+            Self::Revoked => "revoked",
         }
     }
 }

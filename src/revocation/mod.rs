@@ -1,0 +1,285 @@
+//! Revocation watermarks: a sign-out through this service revokes, at
+//! once, every token of that user signed in before it, for everyone who
+//! verifies through the service (VerifyToken) or watches it
+//! (WatchRevocations), even while Cognito throttles the sign-out itself.
+//!
+//! [`watermarks`] is the map every check reads, in memory. With Redis,
+//! [`store`] keeps each watermark and a log of them, and [`tail`] follows
+//! the log into the map, so every replica holds every watermark and a check
+//! never leaves the process. Without Redis the map is all there is.
+//! [`watch`] streams the map, then the log, to resource servers.
+
+pub mod cursor;
+mod metrics;
+mod store;
+mod tail;
+mod watch;
+pub mod watermarks;
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{Semaphore, watch as state};
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+
+use self::{cursor::Epoch, store::RedisLog, watermarks::Watermarks};
+pub use self::{
+    cursor::{BadCursor, Cursor, Position},
+    metrics::RevocationMetrics,
+    store::scripts,
+    watch::{WatchEnd, WatchRefused, Watched},
+    watermarks::Revocation,
+};
+use crate::{domain::UserPoolId, redis::Redis};
+
+/// How often expired watermarks are dropped from memory.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// The revocation flags, resolved.
+#[derive(Debug, Clone)]
+pub struct RevocationSettings {
+    /// Added to the clock when a watermark is taken, so that a token signed
+    /// in a moment before the sign-out, on a host whose clock is behind,
+    /// is still revoked.
+    pub skew: Duration,
+    /// The longest token lifetime: a watermark is kept this long (plus the
+    /// skew), by when every token it revokes has expired.
+    pub ttl: Duration,
+    /// WatchRevocations streams open at once, at most.
+    pub max_watchers: usize,
+}
+
+impl RevocationSettings {
+    fn keep_secs(&self) -> i64 {
+        secs(self.ttl + self.skew)
+    }
+}
+
+/// One per process; cheap to clone. Dropping the last clone stops its
+/// background tasks.
+#[derive(Debug, Clone)]
+pub struct Revocations {
+    shared: Arc<Shared>,
+    _tasks: Arc<[AbortOnDropHandle<()>]>,
+}
+
+/// What the handlers and the background tasks share.
+#[derive(Debug)]
+struct Shared {
+    watermarks: Watermarks,
+    settings: RevocationSettings,
+    log: Option<RedisLog>,
+    /// The log's epoch as this replica knows it; `None` until Redis first
+    /// answers.
+    epoch: ArcSwapOption<Epoch>,
+    /// Watermarks recorded here that Redis has not confirmed.
+    pending: Mutex<Vec<(UserPoolId, String, i64)>>,
+    /// In memory-only mode, the last position given out.
+    last_position: Mutex<Position>,
+    /// True while the map holds the whole log.
+    caught_up: state::Sender<bool>,
+    metrics: RevocationMetrics,
+    watchers: Arc<Semaphore>,
+    /// Bounds the snapshots built at once: each copies the map.
+    snapshots: Semaphore,
+    /// Cancelled when the server drains: watch streams end.
+    closing: CancellationToken,
+}
+
+impl Revocations {
+    /// Watermarks in this process only: lost at restart, not seen by other
+    /// replicas.
+    pub fn in_memory(settings: RevocationSettings, metrics: RevocationMetrics) -> Self {
+        let shared = Shared::new(settings, None, metrics);
+        shared.epoch.store(Some(Arc::new(Epoch::random())));
+        shared.caught_up.send_replace(true);
+        shared.metrics.caught_up.set(1);
+        let shared = Arc::new(shared);
+        let sweep = tokio::spawn(sweep(Arc::downgrade(&shared)));
+        Self {
+            _tasks: Arc::new([AbortOnDropHandle::new(sweep)]),
+            shared,
+        }
+    }
+
+    /// Watermarks in Redis under `prefix`, followed into memory by a task
+    /// of their own. `reconnect_every` paces the retries while Redis fails.
+    pub fn with_redis(
+        settings: RevocationSettings,
+        redis: Redis,
+        prefix: &str,
+        reconnect_every: Duration,
+        metrics: RevocationMetrics,
+    ) -> Self {
+        let log = RedisLog::new(redis, prefix, settings.keep_secs());
+        let shared = Arc::new(Shared::new(settings, Some(log.clone()), metrics));
+        let follow = tokio::spawn(tail::follow(Arc::downgrade(&shared), log, reconnect_every));
+        let sweep = tokio::spawn(sweep(Arc::downgrade(&shared)));
+        Self {
+            _tasks: Arc::new([
+                AbortOnDropHandle::new(follow),
+                AbortOnDropHandle::new(sweep),
+            ]),
+            shared,
+        }
+    }
+
+    /// Records that every token of `sub` in `pool` signed in until now
+    /// (plus the skew) is revoked, and returns that watermark. Never fails:
+    /// the map has it at once, and a write Redis does not confirm is held
+    /// and retried by the log's follower.
+    pub async fn record(&self, pool: &UserPoolId, sub: &str) -> i64 {
+        let shared = &self.shared;
+        let revoked_before = now_secs().saturating_add(secs(shared.settings.skew));
+        shared.watermarks.raise(pool, sub, revoked_before);
+        shared.metrics.live.set(shared.watermarks.len());
+        let Some(log) = &shared.log else {
+            shared.log_in_memory(pool, sub, revoked_before);
+            shared.count_recorded("memory_only");
+            return revoked_before;
+        };
+        let outcome = match shared.epoch.load_full() {
+            Some(epoch) => log.record(&epoch, pool, sub, revoked_before).await,
+            None => Err(crate::redis::RedisCallError::NotConnected),
+        };
+        match outcome {
+            Ok(store::Logged::Raised(_)) => shared.count_recorded("logged"),
+            Ok(store::Logged::Kept) => shared.count_recorded("already_logged"),
+            Ok(store::Logged::OtherEpoch) | Err(_) => {
+                if let Err(error) = &outcome {
+                    tracing::warn!(%error, "revocation not written to Redis; held here and retried");
+                }
+                shared.hold(pool, sub, revoked_before);
+                shared.count_recorded("pending");
+            }
+        }
+        revoked_before
+    }
+
+    /// True when a token of `sub` in `pool` signed in at `auth_time` was
+    /// revoked; counted in `session_revocation_checks_total`.
+    pub fn is_revoked(&self, pool: &UserPoolId, sub: &str, auth_time: i64) -> bool {
+        let revoked = self.shared.watermarks.is_revoked(pool, sub, auth_time);
+        self.shared
+            .metrics
+            .checks
+            .with_label_values(&[if revoked { "revoked" } else { "clear" }])
+            .inc();
+        revoked
+    }
+
+    /// Turns true once the map holds the whole log (at once in memory-only
+    /// mode).
+    pub fn caught_up(&self) -> state::Receiver<bool> {
+        self.shared.caught_up.subscribe()
+    }
+
+    /// Watermarks held in memory now.
+    pub fn len(&self) -> i64 {
+        self.shared.watermarks.len()
+    }
+
+    /// True when none are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ends every watch stream (the server is draining; clients reconnect
+    /// elsewhere with their cursor) and refuses new ones.
+    pub fn close_watchers(&self) {
+        self.shared.closing.cancel();
+    }
+}
+
+impl Shared {
+    fn new(
+        settings: RevocationSettings,
+        log: Option<RedisLog>,
+        metrics: RevocationMetrics,
+    ) -> Self {
+        Self {
+            watermarks: Watermarks::new(settings.keep_secs()),
+            watchers: Arc::new(Semaphore::new(settings.max_watchers)),
+            settings,
+            log,
+            epoch: ArcSwapOption::empty(),
+            pending: Mutex::default(),
+            last_position: Mutex::default(),
+            caught_up: state::Sender::new(false),
+            metrics,
+            snapshots: Semaphore::new(2),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    /// Memory-only mode: the map is the log. Positions are given out and
+    /// applied under one lock, so watchers get them in order.
+    fn log_in_memory(&self, pool: &UserPoolId, sub: &str, revoked_before: i64) {
+        let mut last = self
+            .last_position
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *last = last.next(now_millis());
+        self.watermarks.apply_logged(Revocation {
+            pool: pool.clone(),
+            sub: sub.to_owned(),
+            revoked_before,
+            position: *last,
+        });
+    }
+
+    fn hold(&self, pool: &UserPoolId, sub: &str, revoked_before: i64) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.push((pool.clone(), sub.to_owned(), revoked_before));
+        self.metrics
+            .pending
+            .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
+    }
+
+    fn take_pending(&self) -> Vec<(UserPoolId, String, i64)> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn count_recorded(&self, result: &str) {
+        self.metrics.recorded.with_label_values(&[result]).inc();
+    }
+}
+
+/// Drops expired watermarks now and then.
+async fn sweep(shared: std::sync::Weak<Shared>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let removed = shared.watermarks.sweep(now_secs());
+        shared.metrics.live.set(shared.watermarks.len());
+        if removed > 0 {
+            tracing::debug!(removed, "expired revocation watermarks dropped");
+        }
+    }
+}
+
+fn secs(duration: Duration) -> i64 {
+    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| secs(d))
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests;

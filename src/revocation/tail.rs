@@ -1,0 +1,204 @@
+//! Follows the Redis log into the map: at start every live entry (catching
+//! up in batches), then each new one as Redis appends it (a blocking read,
+//! so a sign-out on another replica arrives within a round trip).
+//!
+//! Each pass also checks the log's epoch. A new epoch means the log was
+//! lost (Redis restarted without persistence, or evicted the keys): that is
+//! logged as an error and counted, and this replica writes every watermark
+//! it holds back into the new log, so the fleet loses nothing any replica
+//! still has. Watermarks Redis failed to take are retried here too.
+
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::{
+    Shared, cursor::Epoch, cursor::Position, now_millis, now_secs, store::READ_BATCH,
+    store::RedisLog, watermarks::Revocation,
+};
+use crate::redis::RedisCallError;
+
+/// How long one read waits for a new entry: also how often the epoch is
+/// checked while the log is quiet.
+const BLOCK: Duration = Duration::from_secs(1);
+
+/// What the follower knows between reconnections.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The last entry applied.
+    cursor: Position,
+    /// The epoch the map's positions belong to.
+    epoch: Option<Epoch>,
+    /// The map must be written into the log (it was lost).
+    rewrite: bool,
+    caught_up: bool,
+}
+
+/// Runs until the service is dropped.
+pub(super) async fn follow(shared: Weak<Shared>, log: RedisLog, reconnect_every: Duration) {
+    let mut progress = Progress::default();
+    let mut warned = false;
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let error = strong.follow_once(&log, &mut progress).await;
+        if progress.caught_up {
+            // It had worked: this is a new outage, worth a warning again.
+            warned = false;
+            progress.caught_up = false;
+            strong.caught_up.send_replace(false);
+            strong.metrics.caught_up.set(0);
+        }
+        if !warned {
+            tracing::warn!(%error, retry_every = ?reconnect_every, "revocation log: Redis failed; \
+                watermarks from other replicas are not arriving, and those recorded here are held and retried");
+            warned = true;
+        } else {
+            tracing::debug!(%error, "revocation log: still failing");
+        }
+        drop(strong);
+        tokio::time::sleep(reconnect_every).await;
+    }
+}
+
+impl Shared {
+    /// One connection's worth of following; returns why it stopped.
+    async fn follow_once(&self, log: &RedisLog, progress: &mut Progress) -> RedisCallError {
+        let connection = match log.redis().connect_for_blocking_reads().await {
+            Ok(connection) => connection,
+            Err(error) => return error,
+        };
+        loop {
+            if let Err(error) = self.check_epoch(log, progress).await {
+                return error;
+            }
+            if let Err(error) = self.write_back(log, progress).await {
+                return error;
+            }
+            let block = progress.caught_up.then_some(BLOCK);
+            let (entries, last) = match log.read_after(&connection, progress.cursor, block).await {
+                Ok(read) => read,
+                Err(error) => return error,
+            };
+            let count = entries.len();
+            self.apply(entries, progress.caught_up);
+            if let Some(last) = last {
+                progress.cursor = last;
+            }
+            if !progress.caught_up && count < READ_BATCH {
+                progress.caught_up = true;
+                self.caught_up.send_replace(true);
+                self.metrics.caught_up.set(1);
+                tracing::info!(
+                    watermarks = self.watermarks.len(),
+                    "revocation log: caught up; following it"
+                );
+            }
+        }
+    }
+
+    /// Learns the epoch; a different one than before means the log was
+    /// lost.
+    async fn check_epoch(
+        &self,
+        log: &RedisLog,
+        progress: &mut Progress,
+    ) -> Result<(), RedisCallError> {
+        let epoch = log.epoch().await?;
+        match &progress.epoch {
+            Some(known) if *known == epoch => return Ok(()),
+            Some(known) => {
+                tracing::error!(
+                    lost = known.as_str(),
+                    new = epoch.as_str(),
+                    held_here = self.watermarks.len(),
+                    "revocation log: Redis lost the revocation watermarks (restarted without \
+                     persistence, or keys evicted); writing back those this replica holds"
+                );
+                self.metrics.resets.inc();
+                self.watermarks.reset_positions();
+                progress.cursor = Position::default();
+                progress.rewrite = true;
+            }
+            None => {}
+        }
+        self.epoch.store(Some(Arc::new(epoch.clone())));
+        progress.epoch = Some(epoch);
+        Ok(())
+    }
+
+    /// Writes back what the log lacks: everything after a loss, and the
+    /// watermarks Redis did not confirm.
+    async fn write_back(
+        &self,
+        log: &RedisLog,
+        progress: &mut Progress,
+    ) -> Result<(), RedisCallError> {
+        let Some(epoch) = progress.epoch.clone() else {
+            return Ok(());
+        };
+        if progress.rewrite {
+            let now = now_secs();
+            let ttl = self.watermarks.ttl_secs();
+            let live: Vec<_> = self
+                .watermarks
+                .all()
+                .into_iter()
+                .filter(|(_, _, before)| before.saturating_add(ttl) > now)
+                .collect();
+            let started = Instant::now();
+            let added = log.record_many(&epoch, &live).await?;
+            tracing::warn!(
+                held = live.len(),
+                added,
+                took = ?started.elapsed(),
+                "revocation log: watermarks written back"
+            );
+            progress.rewrite = false;
+        }
+        let pending = self.take_pending();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        match log.record_many(&epoch, &pending).await {
+            Ok(added) => {
+                self.metrics.pending.set(0);
+                tracing::info!(
+                    held = pending.len(),
+                    added,
+                    "revocation log: held watermarks written"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                for (pool, sub, before) in pending {
+                    self.hold(&pool, &sub, before);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn apply(&self, entries: Vec<Revocation>, live_tail: bool) {
+        let now = now_secs();
+        let now_ms = now_millis();
+        let ttl = self.watermarks.ttl_secs();
+        for entry in entries {
+            // Trimming is approximate, and a quiet log is not trimmed.
+            if entry.revoked_before.saturating_add(ttl) <= now {
+                continue;
+            }
+            if live_tail {
+                #[allow(clippy::cast_precision_loss)] // milliseconds: f64 is exact enough
+                let lag = now_ms.saturating_sub(entry.position.ms) as f64 / 1000.0;
+                self.metrics.lag.observe(lag);
+            }
+            self.watermarks.apply_logged(entry);
+        }
+        self.metrics.live.set(self.watermarks.len());
+    }
+}

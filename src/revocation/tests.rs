@@ -1,0 +1,153 @@
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+
+use super::*;
+
+const ALICE: &str = "8f3c2a10-5b7d-4e21-9a0c-1d2e3f405162";
+
+fn settings(max_watchers: usize) -> RevocationSettings {
+    RevocationSettings {
+        skew: Duration::from_secs(5),
+        ttl: Duration::from_secs(3600),
+        max_watchers,
+    }
+}
+
+fn memory(max_watchers: usize) -> Revocations {
+    let registry = prometheus::Registry::new();
+    Revocations::in_memory(settings(max_watchers), RevocationMetrics::new(&registry))
+}
+
+fn pool(name: &str) -> UserPoolId {
+    UserPoolId::parse(name).unwrap()
+}
+
+async fn next(stream: &mut (impl StreamExt<Item = Result<Watched, WatchEnd>> + Unpin)) -> Watched {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a message within 5 s")
+        .expect("the stream goes on")
+        .expect("a revocation")
+}
+
+#[tokio::test]
+async fn a_recorded_watermark_revokes_what_signed_in_before_it_plus_the_skew() {
+    let revocations = memory(4);
+    let eu = pool("eu-west-1_abc");
+    let before = now_secs();
+    let watermark = revocations.record(&eu, ALICE).await;
+    assert!((before + 5..=now_secs() + 5).contains(&watermark));
+    assert!(revocations.is_revoked(&eu, ALICE, watermark));
+    assert!(!revocations.is_revoked(&eu, ALICE, watermark + 1));
+    assert!(!revocations.is_revoked(&pool("us-east-1_abc"), ALICE, 0));
+}
+
+#[tokio::test]
+async fn a_watcher_gets_the_snapshot_then_the_tail_and_resumes_from_its_cursor() {
+    let revocations = memory(4);
+    let eu = pool("eu-west-1_abc");
+    let us = pool("us-east-1_abc");
+    revocations.record(&eu, "user-1").await;
+    revocations.record(&us, "user-2").await;
+    revocations.record(&eu, "user-3").await;
+
+    let mut stream = revocations.watch(vec![eu.clone()], None).unwrap();
+    assert_eq!(next(&mut stream).await.revocation.sub, "user-1");
+    let second = next(&mut stream).await;
+    assert_eq!(second.revocation.sub, "user-3");
+    revocations.record(&us, "user-4").await;
+    revocations.record(&eu, "user-5").await;
+    let tail = next(&mut stream).await;
+    assert_eq!(
+        tail.revocation.sub, "user-5",
+        "the other pool's is not sent"
+    );
+    assert!(tail.cursor.position > second.cursor.position);
+    drop(stream);
+
+    // Reconnecting with the second cursor: what came after it, nothing else.
+    let mut resumed = revocations
+        .watch(vec![eu.clone()], Some(second.cursor.clone()))
+        .unwrap();
+    assert_eq!(next(&mut resumed).await.revocation.sub, "user-5");
+    revocations.record(&eu, "user-1").await;
+    let raised = next(&mut resumed).await;
+    assert_eq!(raised.revocation.sub, "user-1", "a raise is sent again");
+
+    // A cursor of another log (another process) replays everything live.
+    let foreign = Cursor {
+        epoch: Epoch::parse("00000000000000ff").unwrap(),
+        position: tail.cursor.position,
+    };
+    let mut replay = revocations.watch(vec![eu], Some(foreign)).unwrap();
+    let subs = [
+        next(&mut replay).await.revocation.sub,
+        next(&mut replay).await.revocation.sub,
+        next(&mut replay).await.revocation.sub,
+    ];
+    assert_eq!(subs, ["user-3", "user-5", "user-1"], "in log order");
+}
+
+#[tokio::test]
+async fn a_watcher_that_falls_far_behind_still_gets_every_watermark_once_in_order() {
+    let revocations = memory(4);
+    let eu = pool("eu-west-1_abc");
+    let mut stream = revocations.watch(vec![eu.clone()], None).unwrap();
+    // Once this arrives, the watcher follows the events (past its snapshot).
+    revocations.record(&eu, "first").await;
+    assert_eq!(next(&mut stream).await.revocation.sub, "first");
+    // More than the client buffer plus the event buffer, unread: the
+    // watcher's events lag, and it re-reads the map.
+    let total = 6_000;
+    for user in 0..total {
+        revocations.record(&eu, &format!("user-{user}")).await;
+    }
+    let mut last = None;
+    for user in 0..total {
+        let watched = next(&mut stream).await;
+        assert_eq!(watched.revocation.sub, format!("user-{user}"));
+        assert!(last < Some(watched.cursor.position));
+        last = Some(watched.cursor.position);
+    }
+    revocations.record(&eu, "after").await;
+    assert_eq!(next(&mut stream).await.revocation.sub, "after");
+}
+
+#[tokio::test]
+async fn watchers_are_bounded_and_end_when_the_server_drains() {
+    let revocations = memory(1);
+    let eu = pool("eu-west-1_abc");
+    let mut first = revocations.watch(vec![eu.clone()], None).unwrap();
+    assert_eq!(
+        revocations.watch(vec![eu.clone()], None).err(),
+        Some(WatchRefused::TooManyWatchers)
+    );
+    revocations.close_watchers();
+    let end = tokio::time::timeout(Duration::from_secs(5), first.next())
+        .await
+        .unwrap();
+    assert_eq!(end, Some(Err(WatchEnd::ShuttingDown)));
+    assert_eq!(
+        revocations.watch(vec![eu], None).err(),
+        Some(WatchRefused::ShuttingDown)
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_frees_its_place() {
+    let revocations = memory(1);
+    let eu = pool("eu-west-1_abc");
+    let first = revocations.watch(vec![eu.clone()], None).unwrap();
+    drop(first);
+    // The task sees the closed channel and ends, releasing the permit.
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(stream) = revocations.watch(vec![eu.clone()], None) {
+            again = Some(stream);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(again.is_some(), "the place was freed");
+}

@@ -1,0 +1,183 @@
+//! WatchRevocations: the logged watermarks of some pools (all of them, or
+//! those after the watcher's cursor), then each new one as the log hands it
+//! over, in log order. A task per watcher, so a slow client never holds the
+//! log's follower: when it falls further behind than the event buffer, it
+//! re-reads the map from its last position, and loses nothing.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, broadcast::error::RecvError, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{
+    Revocations, Shared,
+    cursor::{Cursor, Epoch, Position},
+    watermarks::{LogEvent, Revocation},
+};
+use crate::domain::UserPoolId;
+
+/// Messages queued for one client before its task waits.
+const CLIENT_BUFFER: usize = 256;
+
+/// One message of a watch stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// The watermark.
+    pub revocation: Revocation,
+    /// When the server forgets it (seconds).
+    pub expires_at: i64,
+    /// Where to resume after it.
+    pub cursor: Cursor,
+}
+
+/// Why a stream ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WatchEnd {
+    /// The log was lost and is being rebuilt: reconnect with the cursor.
+    #[error("the revocation log was reset; reconnect with the last cursor")]
+    LogReset,
+    /// The server is draining: reconnect (to another replica).
+    #[error("the server is shutting down; reconnect with the last cursor")]
+    ShuttingDown,
+}
+
+/// Why a watch was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WatchRefused {
+    /// `--max-revocation-watchers` streams are open.
+    #[error("too many WatchRevocations streams are open")]
+    TooManyWatchers,
+    /// The server is draining.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl Revocations {
+    /// Streams the watermarks of `pools`: those after `cursor` when it
+    /// belongs to this log, else every live one; then each new one.
+    pub fn watch(
+        &self,
+        pools: Vec<UserPoolId>,
+        cursor: Option<Cursor>,
+    ) -> Result<ReceiverStream<Result<Watched, WatchEnd>>, WatchRefused> {
+        let shared = &self.shared;
+        if shared.closing.is_cancelled() {
+            return Err(WatchRefused::ShuttingDown);
+        }
+        let permit = shared
+            .watchers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WatchRefused::TooManyWatchers)?;
+        let (sender, receiver) = mpsc::channel(CLIENT_BUFFER);
+        tokio::spawn(
+            Watcher {
+                shared: shared.clone(),
+                pools,
+                sender,
+                _permit: permit,
+            }
+            .run(cursor),
+        );
+        Ok(ReceiverStream::new(receiver))
+    }
+}
+
+struct Watcher {
+    shared: Arc<Shared>,
+    pools: Vec<UserPoolId>,
+    sender: mpsc::Sender<Result<Watched, WatchEnd>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The client left.
+struct Gone;
+
+impl Watcher {
+    async fn run(self, cursor: Option<Cursor>) {
+        let shared = self.shared.clone();
+        shared.metrics.watchers.inc();
+        tokio::select! {
+            // Ends the task at once when the client goes, even if the log
+            // is quiet.
+            () = self.sender.closed() => {}
+            () = shared.closing.cancelled() => {
+                let _ = self.sender.try_send(Err(WatchEnd::ShuttingDown));
+            }
+            _ = self.stream(cursor) => {}
+        }
+        shared.metrics.watchers.dec();
+    }
+
+    async fn stream(&self, cursor: Option<Cursor>) -> Result<(), Gone> {
+        // Subscribe before the snapshot: what the snapshot misses arrives
+        // as an event (and what both have is sent once).
+        let mut events = self.shared.watermarks.subscribe();
+        let epoch = self.shared.epoch.load_full();
+        let mut after = cursor
+            .filter(|cursor| epoch.as_deref() == Some(&cursor.epoch))
+            .map(|cursor| cursor.position);
+        self.send_logged_since(&mut after, epoch.as_deref()).await?;
+        loop {
+            match events.recv().await {
+                Ok(LogEvent::Revoked(revocation)) => {
+                    if self.pools.contains(&revocation.pool)
+                        && after.is_none_or(|after| revocation.position > after)
+                    {
+                        after = Some(revocation.position);
+                        let epoch = self.shared.epoch.load_full();
+                        self.send(Revocation::clone(&revocation), epoch.as_deref())
+                            .await?;
+                    }
+                }
+                Ok(LogEvent::Reset) => {
+                    let _ = self.sender.send(Err(WatchEnd::LogReset)).await;
+                    return Err(Gone);
+                }
+                Err(RecvError::Lagged(_)) => {
+                    let epoch = self.shared.epoch.load_full();
+                    self.send_logged_since(&mut after, epoch.as_deref()).await?;
+                }
+                Err(RecvError::Closed) => return Err(Gone),
+            }
+        }
+    }
+
+    /// Sends what the map holds past `after`, in log order.
+    async fn send_logged_since(
+        &self,
+        after: &mut Option<Position>,
+        epoch: Option<&Epoch>,
+    ) -> Result<(), Gone> {
+        let snapshot = {
+            // Each snapshot copies the matching part of the map.
+            let _permit = self.shared.snapshots.acquire().await;
+            self.shared
+                .watermarks
+                .logged_since(Some(&self.pools), *after)
+        };
+        for revocation in snapshot {
+            *after = Some(revocation.position);
+            self.send(revocation, epoch).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, revocation: Revocation, epoch: Option<&Epoch>) -> Result<(), Gone> {
+        let Some(epoch) = epoch else {
+            // Nothing is logged before the epoch is known.
+            return Ok(());
+        };
+        let watched = Watched {
+            expires_at: revocation
+                .revoked_before
+                .saturating_add(self.shared.watermarks.ttl_secs()),
+            cursor: Cursor {
+                epoch: epoch.clone(),
+                position: revocation.position,
+            },
+            revocation,
+        };
+        self.sender.send(Ok(watched)).await.map_err(|_| Gone)
+    }
+}
