@@ -35,6 +35,8 @@ pub mod service;
 pub mod signout;
 pub mod startup;
 pub mod telemetry;
+#[cfg(test)]
+mod test_redis;
 pub mod tls;
 pub mod tokens;
 

@@ -3,84 +3,11 @@
 //! microseconds, so its arithmetic is checked on its own answers, not on
 //! this process's clock; bounds leave room for a slow machine.
 
-use std::{
-    net::TcpListener,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use redis::{Script, aio::MultiplexedConnection};
 
-/// A throw-away Redis on a free loopback port, killed on drop.
-struct TestRedis {
-    child: Child,
-    port: u16,
-}
-
-impl TestRedis {
-    fn start() -> Self {
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
-            if let Some(child) = spawn_on(port) {
-                return Self { child, port };
-            }
-        }
-        panic!("redis-server did not start");
-    }
-
-    /// SIGKILL, then a new empty server on the same port.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn restart(&mut self) {
-        self.child = spawn_on(self.port).expect("redis-server restarts on its port");
-    }
-
-    async fn connection(&self) -> MultiplexedConnection {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
-            .expect("valid url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connected")
-    }
-}
-
-/// A redis-server on `port`, once it accepts connections; `None` if it
-/// exited (the port was taken meanwhile).
-fn spawn_on(port: u16) -> Option<Child> {
-    let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-    let mut child = Command::new(&binary)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("redis-server is required (scripts/test installs it): {e}"));
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(child);
-        }
-        if child.try_wait().ok().flatten().is_some() {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::test_redis::TestRedis;
 
 /// `{granted, wait_us, cause, rate_milli}`.
 type Answer = (i64, i64, String, i64);
@@ -290,7 +217,7 @@ async fn shared_budget_with_queue(
     };
     let client = Redis::connect(
         &RedisSettings {
-            url: RedisUrl::parse(&format!("redis://127.0.0.1:{}", redis.port)).expect("url"),
+            url: RedisUrl::parse(&redis.url()).expect("url"),
             password: None,
             ca_file: None,
             timeout: Duration::from_secs(1),

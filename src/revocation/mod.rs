@@ -283,3 +283,6 @@ fn now_millis() -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod redis_tests;
