@@ -5,6 +5,7 @@ mod connections;
 mod redis;
 mod security;
 mod tokens;
+mod users;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -13,6 +14,7 @@ pub use connections::ConnectionConfig;
 pub use redis::RedisConfig;
 pub use security::SecurityConfig;
 pub use tokens::TokenConfig;
+pub use users::UserLookupConfig;
 
 use crate::{
     cognito::UpstreamSettings,
@@ -51,6 +53,10 @@ pub struct Config {
     /// The fleet's shared budget in Redis, and its local fallback.
     #[command(flatten)]
     pub redis: RedisConfig,
+
+    /// AdminGetUser before each sign-out: its budget and cache.
+    #[command(flatten)]
+    pub users: UserLookupConfig,
 
     /// User pool used when a request leaves user_pool_id empty. Without it,
     /// such requests fail with INVALID_ARGUMENT.
@@ -266,6 +272,11 @@ impl Config {
         }
     }
 
+    /// The AdminGetUser budget these flags describe.
+    pub fn user_lookup_budget(&self) -> BudgetSettings {
+        self.users.budget(self.max_queue, self.max_queue_wait)
+    }
+
     /// The per-caller limits these flags describe.
     pub fn callers(&self) -> CallerSettings {
         CallerSettings {
@@ -418,6 +429,10 @@ mod tests {
             &["--metrics-max-connections", "5000"],
             &["--first-bytes-timeout", "0s"],
             &["--max-frames-per-second", "1"],
+            &["--user-lookup-rate-limit-rps", "0"],
+            &["--user-lookup-burst", "0"],
+            &["--user-cache-size", "0"],
+            &["--user-cache-ttl", "0s"],
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }

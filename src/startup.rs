@@ -28,8 +28,8 @@ use crate::{
     connections::{self, ConnectionLimits, CountOpenCallsLayer},
     incoming,
     limiter::{
-        Budget, BudgetSettings, LocalBudget, SharedBudget, SharedSettings, budget_script,
-        mode_gauge,
+        Budget, BudgetSettings, CallerSettings, LocalBudget, SharedBudget, SharedSettings,
+        budget_script, mode_gauge,
     },
     metrics::Metrics,
     pools::PoolPolicy,
@@ -42,6 +42,7 @@ use crate::{
     telemetry::{RpcTelemetryLayer, UserHasher},
     tls::{CurrentTlsConfig, TlsFiles},
     tokens::{TokenMetrics, Tokens, http::HttpJwksSource},
+    users::{LookupMetrics, ResolverSettings, SubResolver},
 };
 
 /// HTTP/2 streams a client may open and reset before the server accepts
@@ -274,6 +275,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         metrics.configured_rate.set(config.rate_limit_rps);
         let tokens = tokens(config, &metrics)?;
+        let users = sub_resolver(config, &cognito, &metrics)?;
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             Arc::new(cognito),
@@ -312,6 +314,7 @@ impl Application {
                     hasher,
                     log_usernames: config.log_usernames,
                 },
+                users,
                 metrics,
                 tokens,
             ),
@@ -498,6 +501,26 @@ fn tokens(config: &Config, metrics: &Metrics) -> Result<Tokens, StartupError> {
     let source = HttpJwksSource::new(config.cognito_endpoint.as_deref(), settings.fetch_timeout)?;
     let token_metrics = TokenMetrics::register(metrics.registry())?;
     Ok(Tokens::new(Arc::new(source), &settings, token_metrics))
+}
+
+/// The username → sub resolver, with a budget of this replica's own: the
+/// UserRead quota is apart from the sign-outs', and lookups are few.
+fn sub_resolver(
+    config: &Config,
+    cognito: &Cognito,
+    metrics: &Metrics,
+) -> Result<SubResolver, StartupError> {
+    let budget = LocalBudget::start(config.user_lookup_budget(), CallerSettings::default());
+    Ok(SubResolver::new(
+        Arc::new(cognito.clone()),
+        Budget::Local(budget),
+        ResolverSettings {
+            cache_size: config.users.cache_size(),
+            cache_ttl: config.users.user_cache_ttl,
+            attempt_timeout: config.upstream_attempt_timeout,
+        },
+        LookupMetrics::register(metrics.registry())?,
+    ))
 }
 
 /// Binds `addr`, returning the listener and the address actually bound.
