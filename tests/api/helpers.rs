@@ -52,6 +52,12 @@ pub(crate) fn test_config(endpoint: &str) -> Config {
         "0s",
         "--metrics-listen",
         "127.0.0.1:0",
+        // Tests send many users at the sign-out budget: the lookups' own
+        // budget stays out of their way (user_lookup.rs tests it).
+        "--user-lookup-rate-limit-rps",
+        "1000000",
+        "--user-lookup-burst",
+        "1000000",
     ])
     .expect("test flags parse")
 }
