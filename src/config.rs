@@ -6,6 +6,7 @@ mod redis;
 mod revocation;
 mod security;
 mod tokens;
+mod users;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -15,6 +16,7 @@ pub use redis::RedisConfig;
 pub use revocation::RevocationConfig;
 pub use security::SecurityConfig;
 pub use tokens::TokenConfig;
+pub use users::UserLookupConfig;
 
 use crate::{
     cognito::UpstreamSettings,
@@ -57,6 +59,10 @@ pub struct Config {
     /// Revocation watermarks: skew, lifetime, watchers.
     #[command(flatten)]
     pub revocation: RevocationConfig,
+
+    /// AdminGetUser before each sign-out: its budget and cache.
+    #[command(flatten)]
+    pub users: UserLookupConfig,
 
     /// User pool used when a request leaves user_pool_id empty. Without it,
     /// such requests fail with INVALID_ARGUMENT.
@@ -272,6 +278,11 @@ impl Config {
         }
     }
 
+    /// The AdminGetUser budget these flags describe.
+    pub fn user_lookup_budget(&self) -> BudgetSettings {
+        self.users.budget(self.max_queue, self.max_queue_wait)
+    }
+
     /// The per-caller limits these flags describe.
     pub fn callers(&self) -> CallerSettings {
         CallerSettings {
@@ -386,6 +397,10 @@ mod tests {
         assert_eq!(config.listen, "0.0.0.0:50051".parse().expect("addr"));
         assert_eq!(config.upstream_max_attempts, 3);
         assert!(config.allowed_user_pool_ids.is_empty());
+        let lookups = config.user_lookup_budget();
+        assert_eq!((lookups.rate_per_sec, lookups.burst), (10.0, 10));
+        assert_eq!(config.users.cache_size(), 100_000);
+        assert_eq!(config.users.user_cache_ttl, Duration::from_secs(3600));
     }
 
     #[test]
@@ -424,6 +439,10 @@ mod tests {
             &["--metrics-max-connections", "5000"],
             &["--first-bytes-timeout", "0s"],
             &["--max-frames-per-second", "1"],
+            &["--user-lookup-rate-limit-rps", "0"],
+            &["--user-lookup-burst", "0"],
+            &["--user-cache-size", "0"],
+            &["--user-cache-ttl", "0s"],
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }

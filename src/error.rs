@@ -74,12 +74,15 @@ pub enum SignOutError {
     WatchEnded(#[from] WatchEnd),
 }
 
-/// A failed AdminUserGlobalSignOut call, after the service's retries.
+/// A failed Cognito call (AdminUserGlobalSignOut after the service's
+/// retries, or the AdminGetUser in front of it).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("Cognito AdminUserGlobalSignOut failed ({kind:?})")]
+#[error("Cognito {operation} failed ({kind:?})")]
 pub struct UpstreamError {
     /// What kind of failure it was: decides the gRPC status.
     pub kind: UpstreamErrorKind,
+    /// The Cognito operation that failed, for logs.
+    pub operation: &'static str,
     /// `x-amzn-requestid` of the failed call, when Cognito answered.
     pub aws_request_id: Option<String>,
     /// The Cognito error code, such as `UserNotFoundException`.
@@ -93,6 +96,7 @@ impl UpstreamError {
     pub fn new(kind: UpstreamErrorKind, source: impl StdError + Send + Sync + 'static) -> Self {
         Self {
             kind,
+            operation: "AdminUserGlobalSignOut",
             aws_request_id: None,
             cognito_code: None,
             source: Arc::new(source),

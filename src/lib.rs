@@ -5,7 +5,8 @@
 //! The request path, in order: [`incoming`] (accept, under the bounds of
 //! [`connections`]), [`request_guard`] (gRPC only, body deadline) and
 //! [`startup`] (transport, health, reflection) → [`service`] (handler) → [`domain`] (validation) →
-//! [`pools`] (which pool) → [`limiter`] (per-caller limits) → [`signout`]
+//! [`pools`] (which pool) → [`users`] (the user's sub, via AdminGetUser) →
+//! [`limiter`] (per-caller limits) → [`signout`]
 //! (coalesced jobs, shared budget, retries, audit) → [`cognito`] (the SDK
 //! call) → [`error`] (the status table). VerifyToken takes the same path to
 //! the pool, then [`tokens`] (JWKS cache and checks) instead of the flow.
@@ -39,6 +40,7 @@ pub mod telemetry;
 mod test_redis;
 pub mod tls;
 pub mod tokens;
+pub mod users;
 
 /// Code generated from `proto/session/v1/session.proto`.
 #[allow(clippy::all, clippy::pedantic, unreachable_pub)]

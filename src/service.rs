@@ -27,6 +27,7 @@ use crate::{
     signout::{JobCaller, SignOutCall, SignOutFlow},
     telemetry::{AccessNote, UserHasher},
     tokens::Tokens,
+    users::SubResolver,
 };
 
 /// What the handler writes about users: hashes, and usernames only when an
@@ -66,7 +67,8 @@ pub struct SessionApi {
     pools: PoolPolicy,
     caller_policy: CallerPolicy,
     upstream_timeout: Duration,
-    users: UserLogging,
+    user_logging: UserLogging,
+    users: SubResolver,
     metrics: Arc<Metrics>,
     tokens: Tokens,
     revocations: Revocations,
@@ -81,7 +83,8 @@ impl SessionApi {
         pools: PoolPolicy,
         caller_policy: CallerPolicy,
         upstream_timeout: Duration,
-        users: UserLogging,
+        user_logging: UserLogging,
+        users: SubResolver,
         metrics: Arc<Metrics>,
         tokens: Tokens,
         revocations: Revocations,
@@ -91,6 +94,7 @@ impl SessionApi {
             pools,
             caller_policy,
             upstream_timeout,
+            user_logging,
             users,
             metrics,
             tokens,
@@ -122,25 +126,36 @@ impl SessionApi {
             Rpc::GlobalSignOut,
             &pool,
         )?;
-        let user_hash = self.users.hasher.hash(&request.username);
-        let username = self.users.log_usernames.then(|| request.username.expose());
+        let user_hash = self.user_logging.hasher.hash(&request.username);
+        let username = self
+            .user_logging
+            .log_usernames
+            .then(|| request.username.expose());
         note.target(pool.as_str(), user_hash.clone(), username);
         let time_allowed =
             deadline::time_allowed(self.upstream_timeout, deadline::caller_timeout(metadata));
         if time_allowed < deadline::MIN_TIME_FOR_A_CALL {
             return Err(SignOutError::DeadlineTooShort);
         }
+        let deadline = received + time_allowed;
+        // The user as tokens name it; a failed lookup fails the sign-out
+        // before any sign-out call.
+        let sub = self
+            .users
+            .resolve(&pool, &request.username, deadline)
+            .await?;
         // The flow audits every Cognito call it makes, whoever still waits.
         self.flow
             .sign_out(SignOutCall {
                 pool,
                 username: request.username,
+                sub,
                 user_hash,
                 caller: JobCaller {
                     id: caller,
                     verified,
                 },
-                deadline: received + time_allowed,
+                deadline,
             })
             .await
     }

@@ -28,8 +28,8 @@ use crate::{
     connections::{self, ConnectionLimits, CountOpenCallsLayer},
     incoming,
     limiter::{
-        Budget, BudgetSettings, LocalBudget, SharedBudget, SharedSettings, budget_script,
-        mode_gauge,
+        Budget, BudgetSettings, CallerSettings, LocalBudget, SharedBudget, SharedSettings,
+        budget_script, mode_gauge,
     },
     metrics::Metrics,
     pools::PoolPolicy,
@@ -43,6 +43,7 @@ use crate::{
     telemetry::{RpcTelemetryLayer, UserHasher},
     tls::{CurrentTlsConfig, TlsFiles},
     tokens::{TokenMetrics, Tokens, http::HttpJwksSource},
+    users::{LookupMetrics, ResolverSettings, SubResolver},
 };
 
 /// HTTP/2 streams a client may open and reset before the server accepts
@@ -308,6 +309,7 @@ impl Application {
             .transpose()?;
         let revocations = revocations(config, redis.clone(), &metrics);
         let tokens = tokens(config, &metrics, revocations.clone())?;
+        let users = sub_resolver(config, &cognito, &metrics)?;
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             Arc::new(cognito),
@@ -346,6 +348,7 @@ impl Application {
                     hasher,
                     log_usernames: config.log_usernames,
                 },
+                users,
                 metrics,
                 tokens,
                 revocations.clone(),
@@ -570,6 +573,26 @@ fn tokens(
         &settings,
         revocations,
         token_metrics,
+    ))
+}
+
+/// The username → sub resolver, with a budget of this replica's own: the
+/// UserRead quota is apart from the sign-outs', and lookups are few.
+fn sub_resolver(
+    config: &Config,
+    cognito: &Cognito,
+    metrics: &Metrics,
+) -> Result<SubResolver, StartupError> {
+    let budget = LocalBudget::start(config.user_lookup_budget(), CallerSettings::default());
+    Ok(SubResolver::new(
+        Arc::new(cognito.clone()),
+        Budget::Local(budget),
+        ResolverSettings {
+            cache_size: config.users.cache_size(),
+            cache_ttl: config.users.user_cache_ttl,
+            attempt_timeout: config.upstream_attempt_timeout,
+        },
+        LookupMetrics::register(metrics.registry())?,
     ))
 }
 

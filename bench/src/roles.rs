@@ -18,9 +18,11 @@ use session_service::proto::{
 };
 use tokio::net::TcpListener;
 
-/// Answers every AdminUserGlobalSignOut with HTTP 200 `{}` after `delay`;
-/// `GET /arrivals` lists arrival times (µs since the Unix epoch), one per
-/// line, so the benchmark can count calls per second at Cognito.
+/// Answers every AdminUserGlobalSignOut with HTTP 200 `{}` after `delay`,
+/// and every AdminGetUser at once with the name asked for as the user (its
+/// sub made from it); `GET /arrivals` lists the sign-outs' arrival times
+/// (µs since the Unix epoch), one per line, so the benchmark can count
+/// sign-outs per second at Cognito.
 pub(crate) async fn fake_cognito(delay: Duration) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     println!("LISTENING {}", listener.local_addr().expect("addr"));
@@ -50,6 +52,10 @@ async fn answer(
         let text: Vec<String> = list.iter().map(u64::to_string).collect();
         return Ok(Response::new(Full::new(Bytes::from(text.join("\n")))));
     }
+    let target = request.headers().get("x-amz-target").cloned();
+    if target.is_some_and(|t| t.as_bytes().ends_with(b".AdminGetUser")) {
+        return Ok(get_user(request).await);
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -67,6 +73,41 @@ async fn answer(
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap_or_default();
     Ok(response)
+}
+
+/// AdminGetUser's answer: the user is the name asked for, its sub a
+/// UUID-shaped string derived from it.
+async fn get_user(request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let username = body["Username"].as_str().unwrap_or_default();
+    let hash = username.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let sub = format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        hash >> 32,
+        (hash >> 16) & 0xffff,
+        hash & 0xfff,
+        (hash >> 20) & 0xfff,
+        hash & 0xffff_ffff_ffff
+    );
+    let reply = serde_json::json!({
+        "Username": username,
+        "UserAttributes": [{ "Name": "sub", "Value": sub }],
+        "Enabled": true,
+        "UserStatus": "CONFIRMED",
+    });
+    Response::builder()
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amzn-requestid", "b3nch000-0000-4000-8000-000000000001")
+        .body(Full::new(Bytes::from(reply.to_string())))
+        .unwrap_or_default()
 }
 
 /// The same API, answering at once with an empty response: what the gRPC

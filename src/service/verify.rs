@@ -42,7 +42,7 @@ impl SessionApi {
             Verdict::Active(token) => {
                 // The access line names the user by keyed hash, as for sign-outs.
                 let user_hash = Username::parse(token.sub.as_str())
-                    .map(|sub| self.users.hasher.hash(&sub))
+                    .map(|sub| self.user_logging.hasher.hash(&sub))
                     .unwrap_or_default();
                 note.target(pool.as_str(), user_hash, None);
                 VerifyTokenResponse {

@@ -26,6 +26,7 @@ use crate::{
     error::{SignOutError, UpstreamError, UpstreamErrorKind},
     limiter::{Budget, CallerRef, RateLimitCause, RateLimited, Reservation},
     metrics::Metrics,
+    users::Sub,
 };
 
 /// One caller's sign-out, as the handler hands it over.
@@ -35,6 +36,8 @@ pub struct SignOutCall {
     pub pool: UserPoolId,
     /// The user to sign out.
     pub username: Username,
+    /// The user's sub, resolved before the call (AdminGetUser or the cache).
+    pub sub: Sub,
     /// Keyed hash of the username, for the audit line.
     pub user_hash: String,
     /// Who asks, for the audit line.

@@ -69,8 +69,9 @@ pub enum StartupError {
     /// The JWKS client has no root certificates to trust.
     #[error(transparent)]
     JwksClient(#[from] crate::tokens::http::NoRootCertificates),
-    /// The token metrics could not be registered (a build problem).
-    #[error("token metrics: {0}")]
+    /// The token or user lookup metrics could not be registered (a build
+    /// problem).
+    #[error("metrics: {0}")]
     TokenMetrics(#[from] prometheus::Error),
     /// The embedded descriptor sets did not load (a build problem).
     #[error("reflection service: {0}")]

@@ -1,7 +1,10 @@
 //! A fake Cognito over real HTTP: it answers AWS JSON 1.1 bytes, so the real
-//! SDK parses them, and records what it was sent.
+//! SDK parses them, and records what it was sent. Sign-outs get the one
+//! [`Reply`]; AdminGetUser lookups are answered from a user table of their
+//! own and recorded apart, so `requests()` means sign-outs only.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -49,6 +52,7 @@ pub(crate) struct FakeCognito {
     addr: SocketAddr,
     reply: Arc<Mutex<Reply>>,
     requests: Arc<Recorder>,
+    directory: Arc<Directory>,
     server: JoinHandle<()>,
 }
 
@@ -59,12 +63,24 @@ struct Recorder {
     arrived: Notify,
 }
 
+/// What AdminGetUser answers: users by the name asked for (canonical
+/// username, sub); any other name is a user of that name.
+#[derive(Default)]
+struct Directory {
+    users: Mutex<HashMap<String, (String, String)>>,
+    /// Replaces the user table's answer (throttling, errors).
+    reply: Mutex<Option<Reply>>,
+    lookups: Recorder,
+}
+
 impl FakeCognito {
     pub(crate) async fn start(reply: Reply) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
         let addr = listener.local_addr().expect("fake addr");
         let requests = Arc::new(Recorder::default());
         let recorded = requests.clone();
+        let directory = Arc::new(Directory::default());
+        let users = directory.clone();
         let reply = Arc::new(Mutex::new(reply));
         let current = reply.clone();
         let server = tokio::spawn(async move {
@@ -74,12 +90,21 @@ impl FakeCognito {
                 };
                 let recorded = recorded.clone();
                 let current = current.clone();
+                let users = users.clone();
                 tokio::spawn(async move {
                     // Read per request: the SDK keeps connections open
                     // across a change of reply.
-                    let service = service_fn(move |request| {
+                    let service = service_fn(move |request: Request<_>| {
                         let reply = current.lock().expect("not poisoned").clone();
-                        handle(request, reply, recorded.clone())
+                        let recorded = recorded.clone();
+                        let users = users.clone();
+                        async move {
+                            if is_lookup(&request) {
+                                look_up(request, users).await
+                            } else {
+                                handle(request, reply, recorded).await
+                            }
+                        }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -91,8 +116,33 @@ impl FakeCognito {
             addr,
             reply,
             requests,
+            directory,
             server,
         }
+    }
+
+    /// AdminGetUser of `requested` answers `canonical` with this `sub`.
+    pub(crate) fn set_user(&self, requested: &str, canonical: &str, sub: &str) {
+        self.directory
+            .users
+            .lock()
+            .expect("not poisoned")
+            .insert(requested.to_owned(), (canonical.to_owned(), sub.to_owned()));
+    }
+
+    /// Answers every later AdminGetUser with `reply` (`None`: the user table).
+    pub(crate) fn set_lookup_reply(&self, reply: Option<Reply>) {
+        *self.directory.reply.lock().expect("not poisoned") = reply;
+    }
+
+    /// The AdminGetUser requests received.
+    pub(crate) fn lookups(&self) -> Vec<Recorded> {
+        self.directory
+            .lookups
+            .requests
+            .lock()
+            .expect("not poisoned")
+            .clone()
     }
 
     /// Answers every later request with `reply` (e.g. a throttling spell).
@@ -175,6 +225,97 @@ async fn handle(
         other => other,
     };
     Ok(respond(reply, number).await)
+}
+
+fn is_lookup<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get("x-amz-target")
+        .is_some_and(|t| t == "AWSCognitoIdentityProviderService.AdminGetUser")
+}
+
+/// The sub the fake gives a user it does not know: stable, UUID-shaped.
+pub(crate) fn synthesized_sub(username: &str) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let hash = |salt: u8| {
+        let mut hasher = DefaultHasher::new();
+        (salt, username).hash(&mut hasher);
+        hasher.finish()
+    };
+    let (a, b) = (hash(1), hash(2));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+async fn look_up(
+    request: Request<hyper::body::Incoming>,
+    directory: Arc<Directory>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let arrived = std::time::Instant::now();
+    let signed = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let requested = body["Username"].as_str().unwrap_or_default().to_owned();
+    let number = {
+        let mut lookups = directory.lookups.requests.lock().expect("not poisoned");
+        lookups.push(Recorded {
+            target: Some("AWSCognitoIdentityProviderService.AdminGetUser".into()),
+            content_type: None,
+            signed,
+            body,
+            arrived,
+        });
+        lookups.len()
+    };
+    directory.lookups.arrived.notify_waiters();
+    let reply = directory.reply.lock().expect("not poisoned").clone();
+    match reply {
+        Some(Reply::UnknownUser(unknown)) if requested == unknown => {
+            let not_found = Reply::AwsError {
+                status: 400,
+                code: "UserNotFoundException",
+            };
+            return Ok(respond(not_found, number).await);
+        }
+        Some(Reply::UnknownUser(_)) | None => {}
+        Some(reply) => return Ok(respond(reply, number).await),
+    }
+    let (username, sub) = directory
+        .users
+        .lock()
+        .expect("not poisoned")
+        .get(&requested)
+        .cloned()
+        .unwrap_or_else(|| (requested.clone(), synthesized_sub(&requested)));
+    let user = serde_json::json!({
+        "Username": username,
+        "UserAttributes": [
+            { "Name": "sub", "Value": sub },
+        ],
+        "Enabled": true,
+        "UserStatus": "CONFIRMED",
+    });
+    Ok(Response::builder()
+        .status(200)
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amzn-requestid", format!("lookup-{number}"))
+        .body(Full::from(user.to_string()))
+        .expect("valid response"))
 }
 
 /// The request id of the `number`-th request (1-based) when it succeeds.

@@ -65,6 +65,7 @@ impl Replica {
             // that is `redis_failures`' subject; here the fleet's budget
             // alone is measured.
             .args(["--redis-timeout", "1s"])
+            .args(crate::helpers::UNLIMITED_LOOKUPS)
             .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

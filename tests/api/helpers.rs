@@ -52,6 +52,12 @@ pub(crate) fn test_config(endpoint: &str) -> Config {
         "0s",
         "--metrics-listen",
         "127.0.0.1:0",
+        // Tests send many users at the sign-out budget: the lookups' own
+        // budget stays out of their way (user_lookup.rs tests it).
+        "--user-lookup-rate-limit-rps",
+        "1000000",
+        "--user-lookup-burst",
+        "1000000",
     ])
     .expect("test flags parse")
 }
@@ -243,6 +249,15 @@ pub(crate) fn wait_for_exit(
     }
 }
 
+/// Flags that keep the AdminGetUser budget out of the way of tests that
+/// send many users at the sign-out path (user_lookup.rs tests it).
+pub(crate) const UNLIMITED_LOOKUPS: [&str; 4] = [
+    "--user-lookup-rate-limit-rps",
+    "1000000",
+    "--user-lookup-burst",
+    "1000000",
+];
+
 /// The real binary with an explicit, minimal environment: no inherited AWS
 /// or SESSION_ settings, no AWS profile files, no instance metadata. The test
 /// process's own environment is never changed.
@@ -278,6 +293,7 @@ pub(crate) fn spawn_binary(
         .envs(extra_env.iter().copied())
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .args(["--log-format", "json"])
+        .args(UNLIMITED_LOOKUPS)
         .args(extra_args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())

@@ -27,5 +27,6 @@ mod stalled_stdout;
 mod status_mapping;
 mod tls_probe;
 mod tools;
+mod user_lookup;
 mod validation;
 mod verify_token;

@@ -30,6 +30,7 @@ async fn calls_are_served_while_stdout_is_not_read_and_lost_lines_are_counted() 
         .env("NO_PROXY", "127.0.0.1,localhost")
         .env("RUST_LOG", "debug")
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(crate::helpers::UNLIMITED_LOOKUPS)
         .args([
             "--log-format",
             "json",
