@@ -26,7 +26,6 @@ use crate::{
     error::{SignOutError, UpstreamError, UpstreamErrorKind},
     limiter::{Budget, CallerRef, RateLimitCause, RateLimited, Reservation},
     metrics::Metrics,
-    users::Sub,
 };
 
 /// One caller's sign-out, as the handler hands it over.
@@ -36,8 +35,9 @@ pub struct SignOutCall {
     pub pool: UserPoolId,
     /// The user to sign out.
     pub username: Username,
-    /// The user's sub, resolved before the call (AdminGetUser or the cache).
-    pub sub: Sub,
+    /// True when the handler already charged the caller's own rate (it
+    /// does, before the user lookup and the watermark).
+    pub caller_charged: bool,
     /// Keyed hash of the username, for the audit line.
     pub user_hash: String,
     /// Who asks, for the audit line.
@@ -156,10 +156,12 @@ impl SignOutFlow {
             id: &call.caller.id,
             verified: call.caller.verified.is_some(),
         };
-        let mut charged = false;
+        let mut charged = call.caller_charged;
         if self.queued().contains_key(&key) {
-            self.inner.budget.charge_caller(caller).await?;
-            charged = true;
+            if !charged {
+                self.inner.budget.charge_caller(caller).await?;
+                charged = true;
+            }
             if let Some(joined) = self.join(&key, &call)? {
                 return Ok(joined);
             }

@@ -119,7 +119,7 @@ fn call(username: &str, caller: &str, deadline: Instant) -> SignOutCall {
         pool: UserPoolId::parse("us-east-1_TestPool1").expect("pool"),
         username: Username::parse(username).expect("username"),
         user_hash: format!("hash-of-{username}"),
-        sub: Sub::new(&format!("sub-of-{username}")).expect("sub"),
+        caller_charged: false,
         caller: JobCaller {
             id: CallerId::parse(caller).expect("caller"),
             verified: None,
