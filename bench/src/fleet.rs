@@ -21,13 +21,13 @@ use crate::{
 
 /// A `redis-server` on a free loopback port, without persistence; killed
 /// on drop. Debian's package (`scripts/test` installs it).
-struct RedisChild {
+pub(crate) struct RedisChild {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl RedisChild {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -52,7 +52,7 @@ impl RedisChild {
         panic!("redis-server did not start on {addr}");
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("--redis-url=redis://{}", self.addr)
     }
 }
@@ -151,7 +151,7 @@ pub(crate) async fn p7_fleet(plan: &Plan, service_bin: &Path) -> Vec<Row> {
 }
 
 /// The service's `/metrics` text.
-async fn metrics_text(service: &Running) -> String {
+pub(crate) async fn metrics_text(service: &Running) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Some(addr) = service.metrics_addr() else {
         return String::new();
@@ -168,7 +168,7 @@ async fn metrics_text(service: &Running) -> String {
 }
 
 /// The sum of the samples whose line starts with `series`.
-fn sum_of(text: &str, series: &str) -> f64 {
+pub(crate) fn sum_of(text: &str, series: &str) -> f64 {
     text.lines()
         .filter(|line| line.starts_with(series))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())

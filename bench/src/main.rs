@@ -7,6 +7,7 @@ mod clients;
 mod fleet;
 mod load;
 mod report;
+mod revocations;
 mod roles;
 mod scenarios;
 mod verify;
@@ -18,9 +19,10 @@ use clap::{Parser, Subcommand};
 use crate::scenarios::Plan;
 
 /// Benchmarks session-service (P1 latency, P2 throughput, P3 limiter
-/// accuracy, P4 memory, P5 start-up, P6 VerifyToken) against its floors: a bare tonic server
-/// (the gRPC hop alone) and the AWS SDK calling a fake Cognito directly (the
-/// SigV4 + HTTP cost alone).
+/// accuracy, P4 memory, P5 start-up, P6 VerifyToken, P7–P8 the fleet's budget
+/// in Redis, P9 VerifyToken with a million revocation watermarks) against its
+/// floors: a bare tonic server (the gRPC hop alone) and the AWS SDK calling a
+/// fake Cognito directly (the SigV4 + HTTP cost alone).
 #[derive(Parser)]
 #[command(about, long_about)]
 struct Cli {
@@ -41,7 +43,7 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
 
-    /// Only these scenarios (comma list of p1..p8). Default: all.
+    /// Only these scenarios (comma list of p1..p9). Default: all.
     #[arg(long, value_delimiter = ',', value_name = "P1,...")]
     only: Vec<String>,
 }
@@ -110,6 +112,9 @@ async fn run(cli: Cli) -> ExitCode {
     }
     if wanted("p8") {
         rows.extend(fleet::p8_redis_cost(&plan, &service_bin).await);
+    }
+    if wanted("p9") {
+        rows.extend(revocations::p9_watermarks(&plan, &service_bin).await);
     }
     let table = report::markdown(&rows);
     let machine = report::machine();

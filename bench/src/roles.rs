@@ -13,7 +13,8 @@ use hyper::{Request, Response, body::Bytes, server::conn::http1, service::servic
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::DecodingKey;
 use session_service::proto::{
-    GlobalSignOutRequest, GlobalSignOutResponse, VerifyTokenRequest, VerifyTokenResponse,
+    GlobalSignOutRequest, GlobalSignOutResponse, Revocation, VerifyTokenRequest,
+    VerifyTokenResponse, WatchRevocationsRequest,
     session_service_server::{SessionService, SessionServiceServer},
 };
 use tokio::net::TcpListener;
@@ -135,6 +136,16 @@ impl SessionService for Floor {
             None => VerifyTokenResponse::default(),
         };
         Ok(tonic::Response::new(response))
+    }
+
+    type WatchRevocationsStream = tonic::codegen::BoxStream<Revocation>;
+
+    /// No benchmark measures watching against a floor.
+    async fn watch_revocations(
+        &self,
+        _request: tonic::Request<WatchRevocationsRequest>,
+    ) -> Result<tonic::Response<Self::WatchRevocationsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not part of the floor"))
     }
 }
 

@@ -33,6 +33,8 @@ pub(crate) struct Plan {
     /// P7: the fleet's rate and how long 10× of it is offered.
     pub(crate) p7_rate: f64,
     pub(crate) p7_duration: Duration,
+    /// P9: live watermarks in the revocation log the service loads.
+    pub(crate) p9_watermarks: u64,
 }
 
 impl Plan {
@@ -50,6 +52,7 @@ impl Plan {
         p5_starts: 10,
         p7_rate: 20.0,
         p7_duration: Duration::from_secs(10),
+        p9_watermarks: 1_000_000,
     };
 
     /// Every scenario once, in seconds: proves the benchmark still runs.
@@ -66,6 +69,7 @@ impl Plan {
         p5_starts: 1,
         p7_rate: 20.0,
         p7_duration: Duration::from_secs(1),
+        p9_watermarks: 20_000,
     };
 }
 

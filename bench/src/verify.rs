@@ -47,7 +47,7 @@ pub(crate) fn floor_verify(key: &DecodingKey, token: &str) -> VerifyTokenRespons
 }
 
 /// Serves one JWKS document for every pool and counts the fetches.
-async fn jwks_server(document: Vec<u8>) -> (SocketAddr, Arc<AtomicU64>) {
+pub(crate) async fn jwks_server(document: Vec<u8>) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let fetches = Arc::new(AtomicU64::new(0));
@@ -72,7 +72,7 @@ async fn jwks_server(document: Vec<u8>) -> (SocketAddr, Arc<AtomicU64>) {
 }
 
 /// Calls VerifyToken with `token`; "OK" only for an active verdict.
-async fn verify_call(addr: SocketAddr, token: String) -> Call {
+pub(crate) async fn verify_call(addr: SocketAddr, token: String) -> Call {
     let clients = crate::clients::connect_clients(addr).await;
     Arc::new(move |n| {
         let mut client = clients[n as usize % clients.len()].clone();
