@@ -24,11 +24,9 @@ use crate::{
         WatchRevocationsRequest, session_service_server::SessionService,
     },
     revocation::Revocations,
-    limiter::CallerRef,
     signout::{JobCaller, SignOutCall, SignOutFlow},
     telemetry::{AccessNote, UserHasher},
     tokens::Tokens,
-    users::SubResolver,
 };
 
 /// What the handler writes about users: hashes, and usernames only when an
@@ -69,7 +67,6 @@ pub struct SessionApi {
     caller_policy: CallerPolicy,
     upstream_timeout: Duration,
     user_logging: UserLogging,
-    users: SubResolver,
     metrics: Arc<Metrics>,
     tokens: Tokens,
     revocations: Revocations,
@@ -85,7 +82,6 @@ impl SessionApi {
         caller_policy: CallerPolicy,
         upstream_timeout: Duration,
         user_logging: UserLogging,
-        users: SubResolver,
         metrics: Arc<Metrics>,
         tokens: Tokens,
         revocations: Revocations,
@@ -96,7 +92,6 @@ impl SessionApi {
             caller_policy,
             upstream_timeout,
             user_logging,
-            users,
             metrics,
             tokens,
             revocations,
@@ -139,30 +134,11 @@ impl SessionApi {
             return Err(SignOutError::DeadlineTooShort);
         }
         let deadline = received + time_allowed;
-        // The caller's own rate first: a caller over it costs no lookup and
-        // records no watermark.
-        self.flow
-            .budget()
-            .charge_caller(CallerRef {
-                id: &caller,
-                verified: verified.is_some(),
-            })
-            .await?;
-        // The user as tokens name it; a failed lookup fails the sign-out
-        // before anything is revoked or sent.
-        let sub = self
-            .users
-            .resolve(&pool, &request.username, deadline)
-            .await?;
-        // Before Cognito is called, so that the revocation holds even if the
-        // call is throttled or fails (the caller still gets that error).
-        self.revocations.record(&pool, sub.as_str()).await;
         // The flow audits every Cognito call it makes, whoever still waits.
         self.flow
             .sign_out(SignOutCall {
                 pool,
                 username: request.username,
-                caller_charged: true,
                 user_hash,
                 caller: JobCaller {
                     id: caller,

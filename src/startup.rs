@@ -39,7 +39,7 @@ use crate::{
     request_guard::RequestGuardLayer,
     revocation::{self, RevocationMetrics, Revocations},
     service::{CallerPolicy, SessionApi, UserLogging},
-    signout::SignOutFlow,
+    signout::{Revoker, SignOutFlow},
     telemetry::{RpcTelemetryLayer, UserHasher},
     tls::{CurrentTlsConfig, TlsFiles},
     tokens::{TokenMetrics, Tokens, http::HttpJwksSource},
@@ -313,6 +313,10 @@ impl Application {
         let max_in_flight = usize::try_from(config.max_in_flight).unwrap_or(usize::MAX);
         let flow = SignOutFlow::new(
             Arc::new(cognito),
+            Some(Revoker {
+                users,
+                revocations: revocations.clone(),
+            }),
             budget(config, redis, &metrics),
             max_in_flight,
             config.retry(),
@@ -348,7 +352,6 @@ impl Application {
                     hasher,
                     log_usernames: config.log_usernames,
                 },
-                users,
                 metrics,
                 tokens,
                 revocations.clone(),

@@ -17,7 +17,10 @@ mod watch;
 pub mod watermarks;
 
 use std::{
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -81,6 +84,10 @@ struct Shared {
     last_position: Mutex<Position>,
     /// True while the map holds the whole log.
     caught_up: state::Sender<bool>,
+    /// False from a failed Redis call until the follower's next successful
+    /// read: meanwhile sign-outs hold their watermark here at once rather
+    /// than each wait out `--redis-timeout` (the follower writes them).
+    log_healthy: AtomicBool,
     metrics: RevocationMetrics,
     watchers: Arc<Semaphore>,
     /// Bounds the snapshots built at once: each copies the map.
@@ -128,35 +135,27 @@ impl Revocations {
     }
 
     /// Records that every token of `sub` in `pool` signed in until now
-    /// (plus the skew) is revoked, and returns that watermark. Never fails:
-    /// the map has it at once, and a write Redis does not confirm is held
-    /// and retried by the log's follower.
-    pub async fn record(&self, pool: &UserPoolId, sub: &str) -> i64 {
+    /// (plus the skew) is revoked: in this replica's memory before it
+    /// returns (VerifyToken here sees it at once); in the log once
+    /// [`Recorded::logged`] has run. Never fails: a write Redis does not
+    /// confirm is held and retried by the log's follower.
+    pub fn record(&self, pool: &UserPoolId, sub: &str) -> Recorded {
         let shared = &self.shared;
         let revoked_before = now_secs().saturating_add(secs(shared.settings.skew));
         shared.watermarks.raise(pool, sub, revoked_before);
         shared.metrics.live.set(shared.watermarks.len());
-        let Some(log) = &shared.log else {
+        if shared.log.is_none() {
             shared.log_in_memory(pool, sub, revoked_before);
             shared.count_recorded("memory_only");
-            return revoked_before;
-        };
-        let outcome = match shared.epoch.load_full() {
-            Some(epoch) => log.record(&epoch, pool, sub, revoked_before).await,
-            None => Err(crate::redis::RedisCallError::NotConnected),
-        };
-        match outcome {
-            Ok(store::Logged::Raised(_)) => shared.count_recorded("logged"),
-            Ok(store::Logged::Kept) => shared.count_recorded("already_logged"),
-            Ok(store::Logged::OtherEpoch) | Err(_) => {
-                if let Err(error) = &outcome {
-                    tracing::warn!(%error, "revocation not written to Redis; held here and retried");
-                }
-                shared.hold(pool, sub, revoked_before);
-                shared.count_recorded("pending");
-            }
         }
-        revoked_before
+        Recorded {
+            revoked_before,
+            pending: shared.log.is_some().then(|| Pending {
+                shared: shared.clone(),
+                pool: pool.clone(),
+                sub: sub.to_owned(),
+            }),
+        }
     }
 
     /// True when a token of `sub` in `pool` signed in at `auth_time` was
@@ -194,6 +193,57 @@ impl Revocations {
     }
 }
 
+/// A watermark recorded here; [`Recorded::logged`] writes it to Redis.
+#[derive(Debug)]
+#[must_use = "the watermark reaches other replicas only once logged"]
+pub struct Recorded {
+    /// Tokens signed in at or before this (seconds) are revoked.
+    pub revoked_before: i64,
+    pending: Option<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    shared: Arc<Shared>,
+    pool: UserPoolId,
+    sub: String,
+}
+
+impl Recorded {
+    /// Writes the watermark to the Redis log (nothing to do in memory-only
+    /// mode), bounded by `--redis-timeout`; while Redis fails, it is held
+    /// for the follower to write instead. Returns the watermark.
+    pub async fn logged(self) -> i64 {
+        let revoked_before = self.revoked_before;
+        let Some(Pending { shared, pool, sub }) = self.pending else {
+            return revoked_before;
+        };
+        let Some(log) = &shared.log else {
+            return revoked_before;
+        };
+        let epoch = shared.epoch.load_full();
+        let outcome = match epoch {
+            Some(epoch) if shared.log_healthy.load(Ordering::Acquire) => {
+                Some(log.record(&epoch, &pool, &sub, revoked_before).await)
+            }
+            _ => None,
+        };
+        match outcome {
+            Some(Ok(store::Logged::Raised(_))) => shared.count_recorded("logged"),
+            Some(Ok(store::Logged::Kept)) => shared.count_recorded("already_logged"),
+            failed => {
+                if let Some(Err(error)) = &failed {
+                    tracing::warn!(%error, "revocation not written to Redis; held here and retried");
+                }
+                shared.log_healthy.store(false, Ordering::Release);
+                shared.hold(&pool, &sub, revoked_before);
+                shared.count_recorded("pending");
+            }
+        }
+        revoked_before
+    }
+}
+
 impl Shared {
     fn new(
         settings: RevocationSettings,
@@ -209,6 +259,7 @@ impl Shared {
             pending: Mutex::default(),
             last_position: Mutex::default(),
             caught_up: state::Sender::new(false),
+            log_healthy: AtomicBool::new(false),
             metrics,
             snapshots: Semaphore::new(2),
             closing: CancellationToken::new(),

@@ -81,7 +81,7 @@ async fn a_watermark_recorded_on_one_replica_reaches_the_others_and_later_ones()
     caught_up(&b).await;
     let mut watch = b.revocations.watch(vec![pool()], None).unwrap();
 
-    let watermark = a.revocations.record(&pool(), ALICE).await;
+    let watermark = a.revocations.record(&pool(), ALICE).logged().await;
     assert_eq!(a.metrics.recorded.with_label_values(&["logged"]).get(), 1);
     eventually("B sees it", || {
         b.revocations.is_revoked(&pool(), ALICE, watermark)
@@ -142,7 +142,7 @@ async fn a_write_redis_does_not_take_is_held_here_and_written_when_it_can() {
     };
     // Every write is refused (OOM): the script does not run.
     let _: () = max_memory(1).query_async(&mut connection).await.unwrap();
-    let watermark = a.revocations.record(&pool(), ALICE).await;
+    let watermark = a.revocations.record(&pool(), ALICE).logged().await;
     assert!(
         a.revocations.is_revoked(&pool(), ALICE, watermark),
         "held here at once"
@@ -167,7 +167,7 @@ async fn a_log_lost_with_a_restart_is_detected_logged_and_written_back() {
     let mut redis = TestRedis::start();
     let a = replica(&redis, Duration::from_secs(1));
     caught_up(&a).await;
-    let watermark = a.revocations.record(&pool(), ALICE).await;
+    let watermark = a.revocations.record(&pool(), ALICE).logged().await;
     let mut watch = a.revocations.watch(vec![pool()], None).unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await

@@ -9,7 +9,7 @@
 //! still has. Watermarks Redis failed to take are retried here too.
 
 use std::{
-    sync::{Arc, Weak},
+    sync::{Arc, Weak, atomic::Ordering},
     time::Duration,
 };
 
@@ -39,6 +39,9 @@ struct Progress {
 
 /// Runs until the service is dropped.
 pub(super) async fn follow(shared: Weak<Shared>, log: RedisLog, reconnect_every: Duration) {
+    // The client connects in the background; calls before that would only
+    // count connection errors that are not.
+    let _ = log.redis().connected_watch().wait_for(|c| *c).await;
     let mut progress = Progress::default();
     let mut warned = false;
     loop {
@@ -46,6 +49,7 @@ pub(super) async fn follow(shared: Weak<Shared>, log: RedisLog, reconnect_every:
             return;
         };
         let error = strong.follow_once(&log, &mut progress).await;
+        strong.log_healthy.store(false, Ordering::Release);
         if progress.caught_up {
             // It had worked: this is a new outage, worth a warning again.
             warned = false;
@@ -85,6 +89,7 @@ impl Shared {
                 Err(error) => return error,
             };
             let count = entries.len();
+            self.log_healthy.store(true, Ordering::Release);
             self.apply(entries, progress.caught_up);
             if let Some(last) = last {
                 progress.cursor = last;

@@ -36,7 +36,7 @@ async fn a_recorded_watermark_revokes_what_signed_in_before_it_plus_the_skew() {
     let revocations = memory(4);
     let eu = pool("eu-west-1_abc");
     let before = now_secs();
-    let watermark = revocations.record(&eu, ALICE).await;
+    let watermark = revocations.record(&eu, ALICE).logged().await;
     assert!((before + 5..=now_secs() + 5).contains(&watermark));
     assert!(revocations.is_revoked(&eu, ALICE, watermark));
     assert!(!revocations.is_revoked(&eu, ALICE, watermark + 1));
@@ -48,16 +48,16 @@ async fn a_watcher_gets_the_snapshot_then_the_tail_and_resumes_from_its_cursor()
     let revocations = memory(4);
     let eu = pool("eu-west-1_abc");
     let us = pool("us-east-1_abc");
-    revocations.record(&eu, "user-1").await;
-    revocations.record(&us, "user-2").await;
-    revocations.record(&eu, "user-3").await;
+    revocations.record(&eu, "user-1").logged().await;
+    revocations.record(&us, "user-2").logged().await;
+    revocations.record(&eu, "user-3").logged().await;
 
     let mut stream = revocations.watch(vec![eu.clone()], None).unwrap();
     assert_eq!(next(&mut stream).await.revocation.sub, "user-1");
     let second = next(&mut stream).await;
     assert_eq!(second.revocation.sub, "user-3");
-    revocations.record(&us, "user-4").await;
-    revocations.record(&eu, "user-5").await;
+    revocations.record(&us, "user-4").logged().await;
+    revocations.record(&eu, "user-5").logged().await;
     let tail = next(&mut stream).await;
     assert_eq!(
         tail.revocation.sub, "user-5",
@@ -71,7 +71,7 @@ async fn a_watcher_gets_the_snapshot_then_the_tail_and_resumes_from_its_cursor()
         .watch(vec![eu.clone()], Some(second.cursor.clone()))
         .unwrap();
     assert_eq!(next(&mut resumed).await.revocation.sub, "user-5");
-    revocations.record(&eu, "user-1").await;
+    revocations.record(&eu, "user-1").logged().await;
     let raised = next(&mut resumed).await;
     assert_eq!(raised.revocation.sub, "user-1", "a raise is sent again");
 
@@ -95,13 +95,13 @@ async fn a_watcher_that_falls_far_behind_still_gets_every_watermark_once_in_orde
     let eu = pool("eu-west-1_abc");
     let mut stream = revocations.watch(vec![eu.clone()], None).unwrap();
     // Once this arrives, the watcher follows the events (past its snapshot).
-    revocations.record(&eu, "first").await;
+    revocations.record(&eu, "first").logged().await;
     assert_eq!(next(&mut stream).await.revocation.sub, "first");
     // More than the client buffer plus the event buffer, unread: the
     // watcher's events lag, and it re-reads the map.
     let total = 6_000;
     for user in 0..total {
-        revocations.record(&eu, &format!("user-{user}")).await;
+        revocations.record(&eu, &format!("user-{user}")).logged().await;
     }
     let mut last = None;
     for user in 0..total {
@@ -110,7 +110,7 @@ async fn a_watcher_that_falls_far_behind_still_gets_every_watermark_once_in_orde
         assert!(last < Some(watched.cursor.position));
         last = Some(watched.cursor.position);
     }
-    revocations.record(&eu, "after").await;
+    revocations.record(&eu, "after").logged().await;
     assert_eq!(next(&mut stream).await.revocation.sub, "after");
 }
 

@@ -162,18 +162,37 @@ impl Job {
 // === impl SignOutFlow ===
 
 impl SignOutFlow {
-    /// Runs a job to its end: wait for the permit (unless it came at once),
-    /// then call Cognito, and tell every caller still waiting.
+    /// Runs a job to its end: find the user and record their watermark
+    /// while waiting for the permit (unless it came at once), then call
+    /// Cognito, and tell every caller still waiting. The lookup runs during
+    /// the wait, not after it, so that it does not push calls past their
+    /// slots (calls released late arrive at Cognito bunched).
     pub(super) async fn run(&self, job: Arc<Job>, reservation: Reservation) {
         let waiting_since = Instant::now();
-        let granted = if reservation.is_granted() {
-            Ok(())
-        } else {
-            match self.wait_for_permit(&job, reservation).await {
-                Some(granted) => granted,
-                // Everyone left before the permit: no call, nothing to tell.
-                None => return,
+        let revoking = self.revoke(&job);
+        tokio::pin!(revoking);
+        let permit = async {
+            if reservation.is_granted() {
+                Some(Ok(()))
+            } else {
+                self.wait_for_permit(&job, reservation).await
             }
+        };
+        tokio::pin!(permit);
+        let mut revoked = false;
+        let granted = loop {
+            tokio::select! {
+                result = &mut revoking, if !revoked => match result {
+                    Ok(()) => revoked = true,
+                    // Nothing to call Cognito for: the slot is given up.
+                    Err(error) => return self.end_without_call(&job, error),
+                },
+                granted = &mut permit => break granted,
+            }
+        };
+        // Everyone left before the permit: no call, nothing to tell.
+        let Some(granted) = granted else {
+            return;
         };
         let result = match granted {
             Ok(()) => {
@@ -184,6 +203,9 @@ impl SignOutFlow {
                     wait_ms = waited.as_secs_f64() * 1000.0,
                     "rate-limit permit granted"
                 );
+                if !revoked && let Err(error) = revoking.await {
+                    return self.end_without_call(&job, error);
+                }
                 self.call_with_retries(&job).await
             }
             Err(limited) => {
@@ -195,6 +217,33 @@ impl SignOutFlow {
             }
         };
         job.outcome.send_replace(Some(result));
+    }
+
+    /// The lookup failed: nobody may join, no sign-out call is made (the
+    /// audit line's attempt 0 says so), every caller gets the error.
+    fn end_without_call(&self, job: &Arc<Job>, error: SignOutError) {
+        self.leave_queue(job);
+        job.audit(0, error.reason(), None);
+        job.outcome.send_replace(Some(Err(error)));
+    }
+
+    /// The user's sub, then their watermark: in this replica's memory at
+    /// once, in Redis by a task of its own (its round trip, or its timeout
+    /// while Redis is down, never delays the call). So the revocation holds
+    /// even if Cognito throttles or fails the call. A failed lookup fails
+    /// the job: nothing is revoked or sent.
+    async fn revoke(&self, job: &Job) -> Result<(), SignOutError> {
+        let Some(revoker) = &self.inner.revoker else {
+            return Ok(());
+        };
+        let (pool, username) = &job.key;
+        let sub = revoker
+            .users
+            .resolve(pool, username, job.deadline())
+            .await?;
+        let recorded = revoker.revocations.record(pool, sub.as_str());
+        tokio::spawn(recorded.logged());
+        Ok(())
     }
 
     /// Waits for the job's first permit and takes it out of the queue, so

@@ -7,6 +7,8 @@
 mod attempts;
 mod job;
 #[cfg(test)]
+mod revoke_tests;
+#[cfg(test)]
 mod tests;
 
 use std::{
@@ -26,6 +28,8 @@ use crate::{
     error::{SignOutError, UpstreamError, UpstreamErrorKind},
     limiter::{Budget, CallerRef, RateLimitCause, RateLimited, Reservation},
     metrics::Metrics,
+    revocation::Revocations,
+    users::SubResolver,
 };
 
 /// One caller's sign-out, as the handler hands it over.
@@ -35,15 +39,24 @@ pub struct SignOutCall {
     pub pool: UserPoolId,
     /// The user to sign out.
     pub username: Username,
-    /// True when the handler already charged the caller's own rate (it
-    /// does, before the user lookup and the watermark).
-    pub caller_charged: bool,
     /// Keyed hash of the username, for the audit line.
     pub user_hash: String,
     /// Who asks, for the audit line.
     pub caller: JobCaller,
     /// When this caller stops waiting.
     pub deadline: Instant,
+}
+
+/// What a job does once it holds its permit, before its first Cognito
+/// call: find the user's sub and record their revocation watermark. Here,
+/// not in the handler, so that a sign-out refused by the budget costs no
+/// AdminGetUser, and the callers of one job share one lookup.
+#[derive(Debug, Clone)]
+pub struct Revoker {
+    /// Username → sub (AdminGetUser, cached for canonical usernames).
+    pub users: SubResolver,
+    /// Where the watermark goes.
+    pub revocations: Revocations,
 }
 
 /// Cheap to clone; clones share the budget, the queue and the bounds.
@@ -55,6 +68,8 @@ pub struct SignOutFlow {
 #[derive(Debug)]
 struct Inner {
     upstream: Arc<dyn SignOutUpstream>,
+    /// `None` only in tests of the budget and retries alone.
+    revoker: Option<Revoker>,
     budget: Budget,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
@@ -73,6 +88,7 @@ impl SignOutFlow {
     /// `max_in_flight` bounds the Cognito calls under way at once.
     pub fn new(
         upstream: Arc<dyn SignOutUpstream>,
+        revoker: Option<Revoker>,
         budget: Budget,
         max_in_flight: usize,
         retry: RetrySettings,
@@ -81,6 +97,7 @@ impl SignOutFlow {
         Self {
             inner: Arc::new(Inner {
                 upstream,
+                revoker,
                 budget,
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 max_in_flight,
@@ -156,12 +173,10 @@ impl SignOutFlow {
             id: &call.caller.id,
             verified: call.caller.verified.is_some(),
         };
-        let mut charged = call.caller_charged;
+        let mut charged = false;
         if self.queued().contains_key(&key) {
-            if !charged {
-                self.inner.budget.charge_caller(caller).await?;
-                charged = true;
-            }
+            self.inner.budget.charge_caller(caller).await?;
+            charged = true;
             if let Some(joined) = self.join(&key, &call)? {
                 return Ok(joined);
             }

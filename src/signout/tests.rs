@@ -104,6 +104,7 @@ async fn spent_budget(rate: f64) -> LocalBudget {
 fn single_attempt_flow(upstream: Arc<FakeUpstream>, budget: Budget) -> SignOutFlow {
     SignOutFlow::new(
         upstream,
+        None,
         budget,
         10,
         RetrySettings {
@@ -119,7 +120,6 @@ fn call(username: &str, caller: &str, deadline: Instant) -> SignOutCall {
         pool: UserPoolId::parse("us-east-1_TestPool1").expect("pool"),
         username: Username::parse(username).expect("username"),
         user_hash: format!("hash-of-{username}"),
-        caller_charged: false,
         caller: JobCaller {
             id: CallerId::parse(caller).expect("caller"),
             verified: None,
@@ -348,6 +348,7 @@ async fn a_job_whose_deadline_passed_in_the_queue_is_not_an_upstream_timeout() {
     );
     let flow = SignOutFlow::new(
         upstream.clone(),
+        None,
         Budget::Local(budget.clone()),
         10,
         RetrySettings {
@@ -422,7 +423,11 @@ fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
         .with_max_level(tracing::Level::INFO)
         .with_writer(move || writer.clone())
         .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+    let guard = tracing::subscriber::set_default(subscriber);
+    // A callsite first hit by a test on another thread, with no subscriber
+    // there, may have cached "never": ask every callsite again.
+    tracing::callsite::rebuild_interest_cache();
+    (captured, guard)
 }
 
 #[tokio::test(start_paused = true)]
@@ -483,6 +488,7 @@ async fn every_attempt_is_audited_and_a_call_cut_off_at_shutdown_says_so() {
     );
     let flow = SignOutFlow::new(
         upstream.clone(),
+        None,
         Budget::Local(budget),
         10,
         RetrySettings {

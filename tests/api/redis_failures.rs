@@ -370,19 +370,25 @@ async fn a_script_flush_between_calls_costs_one_reload_not_a_failure() {
             .await
             .expect("signed out after SCRIPT FLUSH");
 
-        // Assert: EVALSHA met NOSCRIPT, redis-rs loaded the script and sent
-        // EVALSHA again, which ran: one reload, no error.
+        // Assert: each script's EVALSHA met NOSCRIPT, redis-rs loaded the
+        // script and sent EVALSHA again, which ran: one reload per script,
+        // no error. The scripts are the budget's and the revocation log's
+        // (the watermark, and the follower's epoch check now and then).
         let stats = info(&redis, "commandstats").await;
         println!("SCRIPT FLUSH round {round}:\n{stats}");
-        assert_eq!(stat(&stats, "cmdstat_evalsha", "calls"), 2, "{stats}");
-        assert_eq!(
-            stat(&stats, "cmdstat_evalsha", "failed_calls"),
-            1,
-            "{stats}"
+        let refused = stat(&stats, "cmdstat_evalsha", "failed_calls");
+        let loads = stat(&stats, "cmdstat_script|load", "calls");
+        assert!(refused >= 2, "the budget's and the watermark's: {stats}");
+        assert_eq!(refused, loads, "one reload per NOSCRIPT: {stats}");
+        assert!(
+            stat(&stats, "cmdstat_evalsha", "calls") >= 2 * refused,
+            "each sent again: {stats}"
         );
-        assert_eq!(stat(&stats, "cmdstat_script|load", "calls"), 1, "{stats}");
         let memory = info(&redis, "memory").await;
-        assert!(memory.contains("number_of_cached_scripts:1"), "{memory}");
+        assert!(
+            memory.contains(&format!("number_of_cached_scripts:{loads}")),
+            "each loaded once: {memory}"
+        );
     }
     assert_eq!(replica.logged_at(LOCAL, since), None, "{}", replica.log());
     assert_eq!(replica.mode().await, "shared");
