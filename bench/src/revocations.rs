@@ -12,7 +12,7 @@ use std::{
 use session_service::tokens::mint::{self, MintKey};
 
 use crate::{
-    children::{Running, rss_kib, spawn_service},
+    children::{Running, cpu_time, rss_kib, spawn_service},
     clients::POOL,
     fleet::{RedisChild, metrics_text, sum_of},
     load::{Stop, closed_loop},
@@ -130,6 +130,8 @@ struct Loaded {
     watermarks: f64,
     /// The highest RSS sampled meanwhile, KiB.
     peak_kib: u64,
+    /// CPU time (user + system) the service had used by then.
+    cpu: Duration,
 }
 
 /// Polls the service's metrics until it has loaded the log; panics after
@@ -149,6 +151,7 @@ async fn wait_loaded(service: &Running, started: Instant) -> Loaded {
                 first_entry,
                 watermarks: sum_of(&text, "session_revocation_watermarks"),
                 peak_kib: peak_kib.max(rss_kib(service.pid())),
+                cpu: cpu_time(service.pid()),
             };
         }
         assert!(
@@ -292,6 +295,15 @@ pub(crate) async fn p9_watermarks(plan: &Plan, service_bin: &Path) -> Vec<Row> {
             loading.as_secs_f64(),
             count as f64 / loading.as_secs_f64().max(1e-3),
             empty_loaded.took.as_secs_f64() * 1000.0
+        ),
+    ));
+    rows.push(Row::note(
+        "P9 service CPU (user + system) by the time it had loaded, per entry (empty log)",
+        format!(
+            "{:.2} s, {:.1} µs ({:.2} s)",
+            full_loaded.cpu.as_secs_f64(),
+            full_loaded.cpu.as_secs_f64() * 1e6 / (count as f64).max(1.0),
+            empty_loaded.cpu.as_secs_f64()
         ),
     ));
     rows.push(Row::note(
