@@ -46,6 +46,12 @@ struct Cli {
     /// Only these scenarios (comma list of p1..p9). Default: all.
     #[arg(long, value_delimiter = ',', value_name = "P1,...")]
     only: Vec<String>,
+
+    /// P9's live watermarks instead of the plan's (1,000,000; 20,000 in
+    /// smoke mode). 0 runs both services against an empty log: the
+    /// comparison's own noise.
+    #[arg(long, value_name = "N")]
+    p9_watermarks: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -80,7 +86,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let plan = if cli.smoke { Plan::SMOKE } else { Plan::FULL };
+    let mut plan = if cli.smoke { Plan::SMOKE } else { Plan::FULL };
+    if let Some(watermarks) = cli.p9_watermarks {
+        plan.p9_watermarks = watermarks;
+    }
     let service_bin = cli.service_bin.unwrap_or_else(|| {
         std::env::current_exe()
             .expect("own path")

@@ -51,7 +51,7 @@ fn the_benchmark_runs_every_scenario_in_smoke_mode() {
         "P9 VerifyToken latency p50 with 20000 watermarks",
         "P9 VerifyToken throughput with 20000 watermarks",
         "P9 RSS per watermark, loaded",
-        "P9 start → log loaded (20000 entries",
+        "P9 start → log loaded, 20000 entries",
     ] {
         assert!(stdout.contains(scenario), "no {scenario} row in:\n{stdout}");
     }
