@@ -69,7 +69,7 @@ mod tests {
 
     #[test]
     fn no_pools_is_the_default_pool_and_no_cursor_is_a_replay() {
-        let command = WatchCommand::try_from(request(&[], "")).unwrap();
+        let command = WatchCommand::try_from(request(&[], "")).expect("as set up");
         assert_eq!(command.user_pool_ids, [None]);
         assert_eq!(command.cursor, None);
     }
@@ -77,10 +77,11 @@ mod tests {
     #[test]
     fn pools_and_cursors_are_checked() {
         let ok = WatchCommand::try_from(request(&["eu-west-1_abc", ""], "0123456789abcdef.17-0"))
-            .unwrap();
+            .expect("as set up");
         assert_eq!(ok.user_pool_ids.len(), 2);
         assert!(ok.cursor.is_some());
-        let field = |r: WatchRevocationsRequest| WatchCommand::try_from(r).unwrap_err().field;
+        let field =
+            |r: WatchRevocationsRequest| WatchCommand::try_from(r).expect_err("refused").field;
         assert_eq!(field(request(&["no pool"], "")), "user_pool_ids");
         assert_eq!(field(request(&["eu-west-1_abc"], "made-up")), "cursor");
         let many: Vec<String> = (0..101).map(|i| format!("eu-west-1_p{i}")).collect();

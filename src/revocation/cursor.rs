@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn a_cursor_reads_back_what_it_wrote() {
         let cursor = Cursor {
-            epoch: Epoch::parse("0123456789abcdef").unwrap(),
+            epoch: Epoch::parse("0123456789abcdef").expect("as set up"),
             position: Position {
                 ms: 1_733_333_333_333,
                 seq: 7,

@@ -321,9 +321,7 @@ fn secs(duration: Duration) -> i64 {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| secs(d))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, secs)
 }
 
 fn now_millis() -> u64 {

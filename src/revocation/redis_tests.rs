@@ -22,13 +22,13 @@ struct Replica {
 fn replica(redis: &TestRedis, timeout: Duration) -> Replica {
     let registry = prometheus::Registry::new();
     let settings = RedisSettings {
-        url: RedisUrl::parse(&redis.url()).unwrap(),
+        url: RedisUrl::parse(&redis.url()).expect("as set up"),
         password: None,
         ca_file: None,
         timeout,
         reconnect_every: Duration::from_millis(100),
     };
-    let client = Redis::connect(&settings, &registry, scripts()).unwrap();
+    let client = Redis::connect(&settings, &registry, scripts()).expect("as set up");
     let metrics = RevocationMetrics::new(&registry);
     let revocations = Revocations::with_redis(
         RevocationSettings {
@@ -48,7 +48,7 @@ fn replica(redis: &TestRedis, timeout: Duration) -> Replica {
 }
 
 fn pool() -> UserPoolId {
-    UserPoolId::parse("eu-west-1_abc").unwrap()
+    UserPoolId::parse("eu-west-1_abc").expect("as set up")
 }
 
 /// Waits (up to 10 s) until `condition` holds.
@@ -79,7 +79,7 @@ async fn a_watermark_recorded_on_one_replica_reaches_the_others_and_later_ones()
     );
     caught_up(&a).await;
     caught_up(&b).await;
-    let mut watch = b.revocations.watch(vec![pool()], None).unwrap();
+    let mut watch = b.revocations.watch(vec![pool()], None).expect("as set up");
 
     let watermark = a.revocations.record(&pool(), ALICE).logged().await;
     assert_eq!(a.metrics.recorded.with_label_values(&["logged"]).get(), 1);
@@ -90,9 +90,9 @@ async fn a_watermark_recorded_on_one_replica_reaches_the_others_and_later_ones()
     assert!(!b.revocations.is_revoked(&pool(), ALICE, watermark + 1));
     let watched = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+        .expect("as set up")
+        .expect("as set up")
+        .expect("as set up");
     assert_eq!(watched.revocation.sub, ALICE);
     assert_eq!(watched.revocation.revoked_before, watermark);
 
@@ -102,7 +102,7 @@ async fn a_watermark_recorded_on_one_replica_reaches_the_others_and_later_ones()
         .arg("{t}:revocations")
         .query_async(&mut connection)
         .await
-        .unwrap();
+        .expect("as set up");
     assert_eq!(length, 1);
 
     // An entry already expired in the log is not loaded.
@@ -117,7 +117,7 @@ async fn a_watermark_recorded_on_one_replica_reaches_the_others_and_later_ones()
         .arg(1_000)
         .query_async(&mut connection)
         .await
-        .unwrap();
+        .expect("as set up");
     let c = replica(&redis, Duration::from_secs(1));
     caught_up(&c).await;
     assert!(c.revocations.is_revoked(&pool(), ALICE, watermark));
@@ -141,7 +141,10 @@ async fn a_write_redis_does_not_take_is_held_here_and_written_when_it_can() {
         command
     };
     // Every write is refused (OOM): the script does not run.
-    let _: () = max_memory(1).query_async(&mut connection).await.unwrap();
+    let _: () = max_memory(1)
+        .query_async(&mut connection)
+        .await
+        .expect("as set up");
     let watermark = a.revocations.record(&pool(), ALICE).logged().await;
     assert!(
         a.revocations.is_revoked(&pool(), ALICE, watermark),
@@ -153,7 +156,10 @@ async fn a_write_redis_does_not_take_is_held_here_and_written_when_it_can() {
         !b.revocations.is_revoked(&pool(), ALICE, watermark),
         "Redis never took it"
     );
-    let _: () = max_memory(0).query_async(&mut connection).await.unwrap();
+    let _: () = max_memory(0)
+        .query_async(&mut connection)
+        .await
+        .expect("as set up");
     eventually("B sees it once Redis takes writes again", || {
         b.revocations.is_revoked(&pool(), ALICE, watermark)
     })
@@ -168,12 +174,12 @@ async fn a_log_lost_with_a_restart_is_detected_logged_and_written_back() {
     let a = replica(&redis, Duration::from_secs(1));
     caught_up(&a).await;
     let watermark = a.revocations.record(&pool(), ALICE).logged().await;
-    let mut watch = a.revocations.watch(vec![pool()], None).unwrap();
+    let mut watch = a.revocations.watch(vec![pool()], None).expect("as set up");
     let first = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+        .expect("as set up")
+        .expect("as set up")
+        .expect("as set up");
 
     redis.kill();
     redis.restart();
@@ -181,7 +187,7 @@ async fn a_log_lost_with_a_restart_is_detected_logged_and_written_back() {
     // The watcher is told to start over.
     let end = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
-        .unwrap();
+        .expect("as set up");
     assert_eq!(end, Some(Err(WatchEnd::LogReset)));
     // A replica started after the loss has it back, from A's memory.
     let b = replica(&redis, Duration::from_secs(1));
@@ -193,12 +199,12 @@ async fn a_log_lost_with_a_restart_is_detected_logged_and_written_back() {
     let mut resumed = a
         .revocations
         .watch(vec![pool()], Some(first.cursor.clone()))
-        .unwrap();
+        .expect("as set up");
     let replayed = tokio::time::timeout(Duration::from_secs(5), resumed.next())
         .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+        .expect("as set up")
+        .expect("as set up")
+        .expect("as set up");
     assert_eq!(replayed.revocation.sub, ALICE);
     assert_ne!(replayed.cursor.epoch, first.cursor.epoch);
 }

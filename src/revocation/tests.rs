@@ -20,7 +20,7 @@ fn memory(max_watchers: usize) -> Revocations {
 }
 
 fn pool(name: &str) -> UserPoolId {
-    UserPoolId::parse(name).unwrap()
+    UserPoolId::parse(name).expect("as set up")
 }
 
 async fn next(stream: &mut (impl StreamExt<Item = Result<Watched, WatchEnd>> + Unpin)) -> Watched {
@@ -52,7 +52,9 @@ async fn a_watcher_gets_the_snapshot_then_the_tail_and_resumes_from_its_cursor()
     revocations.record(&us, "user-2").logged().await;
     revocations.record(&eu, "user-3").logged().await;
 
-    let mut stream = revocations.watch(vec![eu.clone()], None).unwrap();
+    let mut stream = revocations
+        .watch(vec![eu.clone()], None)
+        .expect("as set up");
     assert_eq!(next(&mut stream).await.revocation.sub, "user-1");
     let second = next(&mut stream).await;
     assert_eq!(second.revocation.sub, "user-3");
@@ -69,7 +71,7 @@ async fn a_watcher_gets_the_snapshot_then_the_tail_and_resumes_from_its_cursor()
     // Reconnecting with the second cursor: what came after it, nothing else.
     let mut resumed = revocations
         .watch(vec![eu.clone()], Some(second.cursor.clone()))
-        .unwrap();
+        .expect("as set up");
     assert_eq!(next(&mut resumed).await.revocation.sub, "user-5");
     revocations.record(&eu, "user-1").logged().await;
     let raised = next(&mut resumed).await;
@@ -77,10 +79,12 @@ async fn a_watcher_gets_the_snapshot_then_the_tail_and_resumes_from_its_cursor()
 
     // A cursor of another log (another process) replays everything live.
     let foreign = Cursor {
-        epoch: Epoch::parse("00000000000000ff").unwrap(),
+        epoch: Epoch::parse("00000000000000ff").expect("as set up"),
         position: tail.cursor.position,
     };
-    let mut replay = revocations.watch(vec![eu], Some(foreign)).unwrap();
+    let mut replay = revocations
+        .watch(vec![eu], Some(foreign))
+        .expect("as set up");
     let subs = [
         next(&mut replay).await.revocation.sub,
         next(&mut replay).await.revocation.sub,
@@ -93,7 +97,9 @@ async fn a_watcher_gets_the_snapshot_then_the_tail_and_resumes_from_its_cursor()
 async fn a_watcher_that_falls_far_behind_still_gets_every_watermark_once_in_order() {
     let revocations = memory(4);
     let eu = pool("eu-west-1_abc");
-    let mut stream = revocations.watch(vec![eu.clone()], None).unwrap();
+    let mut stream = revocations
+        .watch(vec![eu.clone()], None)
+        .expect("as set up");
     // Once this arrives, the watcher follows the events (past its snapshot).
     revocations.record(&eu, "first").logged().await;
     assert_eq!(next(&mut stream).await.revocation.sub, "first");
@@ -101,7 +107,10 @@ async fn a_watcher_that_falls_far_behind_still_gets_every_watermark_once_in_orde
     // watcher's events lag, and it re-reads the map.
     let total = 6_000;
     for user in 0..total {
-        revocations.record(&eu, &format!("user-{user}")).logged().await;
+        revocations
+            .record(&eu, &format!("user-{user}"))
+            .logged()
+            .await;
     }
     let mut last = None;
     for user in 0..total {
@@ -118,7 +127,9 @@ async fn a_watcher_that_falls_far_behind_still_gets_every_watermark_once_in_orde
 async fn watchers_are_bounded_and_end_when_the_server_drains() {
     let revocations = memory(1);
     let eu = pool("eu-west-1_abc");
-    let mut first = revocations.watch(vec![eu.clone()], None).unwrap();
+    let mut first = revocations
+        .watch(vec![eu.clone()], None)
+        .expect("as set up");
     assert_eq!(
         revocations.watch(vec![eu.clone()], None).err(),
         Some(WatchRefused::TooManyWatchers)
@@ -126,7 +137,7 @@ async fn watchers_are_bounded_and_end_when_the_server_drains() {
     revocations.close_watchers();
     let end = tokio::time::timeout(Duration::from_secs(5), first.next())
         .await
-        .unwrap();
+        .expect("as set up");
     assert_eq!(end, Some(Err(WatchEnd::ShuttingDown)));
     assert_eq!(
         revocations.watch(vec![eu], None).err(),
@@ -138,7 +149,9 @@ async fn watchers_are_bounded_and_end_when_the_server_drains() {
 async fn a_client_that_leaves_frees_its_place() {
     let revocations = memory(1);
     let eu = pool("eu-west-1_abc");
-    let first = revocations.watch(vec![eu.clone()], None).unwrap();
+    let first = revocations
+        .watch(vec![eu.clone()], None)
+        .expect("as set up");
     drop(first);
     // The task sees the closed channel and ends, releasing the permit.
     let mut again = None;

@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, Hash, Hasher, RandomState},
+    hash::{BuildHasher, RandomState},
     sync::{
         Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicI64, Ordering},
@@ -73,11 +73,62 @@ impl SubKey {
     }
 }
 
+/// 16 bytes, 4-aligned, so that a bucket with its 20-byte UUID key is 36
+/// bytes (an `i64` and an `Option<Position>` made it 56: P9 measured 122
+/// bytes a watermark at 1 M).
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    revoked_before: i64,
-    /// `None` until the entry comes back through the log.
-    position: Option<Position>,
+    /// Seconds since the epoch (enough until 2106).
+    revoked_before: u32,
+    /// The log position's milliseconds, split; 0 until the entry comes back
+    /// through the log.
+    ms_high: u32,
+    ms_low: u32,
+    seq: u32,
+}
+
+impl Entry {
+    const EMPTY: Self = Self {
+        revoked_before: 0,
+        ms_high: 0,
+        ms_low: 0,
+        seq: 0,
+    };
+
+    fn revoked_before(self) -> i64 {
+        i64::from(self.revoked_before)
+    }
+
+    /// Raises the watermark (clamped to what fits) and says whether it moved.
+    fn raise(&mut self, revoked_before: i64) -> bool {
+        let clamped = u32::try_from(revoked_before.max(0)).unwrap_or(u32::MAX);
+        let raised = clamped > self.revoked_before;
+        self.revoked_before = self.revoked_before.max(clamped);
+        raised
+    }
+
+    fn position(self) -> Option<Position> {
+        let ms = (u64::from(self.ms_high) << 32) | u64::from(self.ms_low);
+        (ms != 0).then_some(Position {
+            ms,
+            seq: u64::from(self.seq),
+        })
+    }
+
+    /// Positions whose seq does not fit (over 4 billion entries in one
+    /// millisecond) keep the largest that does: still after the ones before.
+    fn set_position(&mut self, position: Option<Position>) {
+        let Some(position) = position else {
+            (self.ms_high, self.ms_low, self.seq) = (0, 0, 0);
+            return;
+        };
+        #[allow(clippy::cast_possible_truncation)] // the halves of a u64
+        {
+            self.ms_high = (position.ms >> 32) as u32;
+            self.ms_low = position.ms as u32;
+        }
+        self.seq = u32::try_from(position.seq).unwrap_or(u32::MAX);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -98,10 +149,7 @@ impl Shard {
 
     /// The entry, created if absent; true when it was created.
     fn entry(&mut self, pool: u32, sub: SubKey) -> (&mut Entry, bool) {
-        let empty = Entry {
-            revoked_before: i64::MIN,
-            position: None,
-        };
+        let empty = Entry::EMPTY;
         let (entry, created) = match sub {
             SubKey::Uuid(bytes) => {
                 let slot = self.uuids.entry((pool, bytes));
@@ -154,7 +202,7 @@ impl Watermarks {
         let sub = SubKey::new(sub);
         read(self.shard(&sub))
             .get(pool, &sub)
-            .is_some_and(|entry| auth_time <= entry.revoked_before)
+            .is_some_and(|entry| auth_time <= entry.revoked_before())
     }
 
     /// Raises the watermark as this replica records it, before the log has
@@ -168,9 +216,7 @@ impl Watermarks {
         if created {
             self.live.fetch_add(1, Ordering::Relaxed);
         }
-        let raised = revoked_before > entry.revoked_before;
-        entry.revoked_before = entry.revoked_before.max(revoked_before);
-        raised
+        entry.raise(revoked_before)
     }
 
     /// Applies an entry read from the log and tells the watchers. Called in
@@ -184,12 +230,12 @@ impl Watermarks {
             if created {
                 self.live.fetch_add(1, Ordering::Relaxed);
             }
-            entry.revoked_before = entry.revoked_before.max(revocation.revoked_before);
-            entry.position = Some(revocation.position);
+            entry.raise(revocation.revoked_before);
+            entry.set_position(Some(revocation.position));
             // Sent under the shard's lock: a watcher's snapshot (which takes
             // the locks) either holds this entry or will receive this event.
             Revocation {
-                revoked_before: entry.revoked_before,
+                revoked_before: entry.revoked_before(),
                 ..revocation
             }
         };
@@ -203,10 +249,10 @@ impl Watermarks {
         for shard in &*self.shards {
             let mut shard = write(shard);
             for entry in shard.uuids.values_mut() {
-                entry.position = None;
+                entry.set_position(None);
             }
             for entry in shard.others.values_mut() {
-                entry.position = None;
+                entry.set_position(None);
             }
         }
         let _ = self.events.send(LogEvent::Reset);
@@ -229,7 +275,7 @@ impl Watermarks {
         let keep = |pool: u32, entry: &Entry| {
             wanted.as_ref().is_none_or(|w| w.contains(&pool))
                 && entry
-                    .position
+                    .position()
                     .is_some_and(|p| after.is_none_or(|after| p > after))
         };
         let mut found: Vec<(Position, u32, SubKey, i64)> = Vec::new();
@@ -237,18 +283,23 @@ impl Watermarks {
             let shard = read(shard);
             for ((pool, bytes), entry) in &shard.uuids {
                 if keep(*pool, entry) {
-                    let position = entry.position.unwrap_or_default();
-                    found.push((position, *pool, SubKey::Uuid(*bytes), entry.revoked_before));
+                    let position = entry.position().unwrap_or_default();
+                    found.push((
+                        position,
+                        *pool,
+                        SubKey::Uuid(*bytes),
+                        entry.revoked_before(),
+                    ));
                 }
             }
             for ((pool, sub), entry) in &shard.others {
                 if keep(*pool, entry) {
-                    let position = entry.position.unwrap_or_default();
+                    let position = entry.position().unwrap_or_default();
                     found.push((
                         position,
                         *pool,
                         SubKey::Other(sub.clone()),
-                        entry.revoked_before,
+                        entry.revoked_before(),
                     ));
                 }
             }
@@ -277,14 +328,14 @@ impl Watermarks {
                 (
                     pools[*pool as usize].clone(),
                     format_uuid(bytes),
-                    entry.revoked_before,
+                    entry.revoked_before(),
                 )
             }));
             all.extend(shard.others.iter().map(|((pool, sub), entry)| {
                 (
                     pools[*pool as usize].clone(),
                     sub.to_string(),
-                    entry.revoked_before,
+                    entry.revoked_before(),
                 )
             }));
         }
@@ -294,7 +345,7 @@ impl Watermarks {
     /// Forgets watermarks whose every token has expired by `now` (seconds).
     /// Returns how many went.
     pub fn sweep(&self, now: i64) -> usize {
-        let live = |entry: &Entry| entry.revoked_before.saturating_add(self.ttl_secs) > now;
+        let live = |entry: &Entry| entry.revoked_before().saturating_add(self.ttl_secs) > now;
         let mut removed = 0;
         for shard in &*self.shards {
             let mut shard = write(shard);
@@ -326,11 +377,9 @@ impl Watermarks {
     }
 
     fn shard(&self, sub: &SubKey) -> &RwLock<Shard> {
-        let mut hasher = self.hasher.build_hasher();
-        sub.hash(&mut hasher);
         // The modulo keeps the index below SHARDS, which fits in usize.
         #[allow(clippy::cast_possible_truncation)]
-        let index = (hasher.finish() % SHARDS as u64) as usize;
+        let index = (self.hasher.hash_one(sub) % SHARDS as u64) as usize;
         &self.shards[index]
     }
 

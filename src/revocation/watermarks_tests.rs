@@ -4,7 +4,7 @@ const ALICE: &str = "8f3c2a10-5b7d-4e21-9a0c-1d2e3f405162";
 const BOB: &str = "0a1b2c3d-4e5f-4061-8293-a4b5c6d7e8f9";
 
 fn pool(name: &str) -> UserPoolId {
-    UserPoolId::parse(name).unwrap()
+    UserPoolId::parse(name).expect("as set up")
 }
 
 fn logged(pool_id: &str, sub: &str, revoked_before: i64, ms: u64) -> Revocation {
@@ -18,7 +18,7 @@ fn logged(pool_id: &str, sub: &str, revoked_before: i64, ms: u64) -> Revocation 
 
 #[test]
 fn uuids_are_kept_as_bytes_and_read_back_exactly() {
-    let bytes = parse_uuid(ALICE).unwrap();
+    let bytes = parse_uuid(ALICE).expect("as set up");
     assert_eq!(format_uuid(&bytes), ALICE);
     // Forms that would not format back the same are kept as strings.
     for other in [
@@ -84,7 +84,7 @@ fn watchers_get_logged_entries_in_log_order_and_only_those() {
         .map(|r| (r.sub.as_str(), r.position.ms))
         .collect();
     assert_eq!(order, [(BOB, 3), (ALICE, 4), (ALICE, 5)]);
-    let eu_only = marks.logged_since(Some(&[eu.clone()]), None);
+    let eu_only = marks.logged_since(Some(std::slice::from_ref(&eu)), None);
     assert_eq!(eu_only.len(), 2);
     let after = marks.logged_since(Some(&[eu]), Some(Position { ms: 3, seq: 0 }));
     assert_eq!(after.len(), 1);
@@ -92,7 +92,7 @@ fn watchers_get_logged_entries_in_log_order_and_only_those() {
     assert_eq!(after[0].revoked_before, 40);
 
     for expected in [3, 4, 5] {
-        match events.try_recv().unwrap() {
+        match events.try_recv().expect("as set up") {
             LogEvent::Revoked(revocation) => assert_eq!(revocation.position.ms, expected),
             LogEvent::Reset => panic!("no reset"),
         }
@@ -125,4 +125,20 @@ fn the_sweep_forgets_only_what_has_expired() {
     assert!(!marks.is_revoked(&eu, ALICE, 0));
     assert!(marks.is_revoked(&eu, BOB, 0));
     assert_eq!(marks.len(), 1);
+}
+
+#[test]
+fn a_uuid_bucket_is_36_bytes_and_positions_read_back() {
+    assert_eq!(std::mem::size_of::<((u32, [u8; 16]), Entry)>(), 36);
+    let mut entry = Entry::EMPTY;
+    assert_eq!(entry.position(), None);
+    let position = Position {
+        ms: 1_733_333_333_333,
+        seq: 7,
+    };
+    entry.set_position(Some(position));
+    assert_eq!(entry.position(), Some(position));
+    assert!(entry.raise(1_733_333_333));
+    assert!(!entry.raise(1_733_333_000));
+    assert_eq!(entry.revoked_before(), 1_733_333_333);
 }

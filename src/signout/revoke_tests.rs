@@ -214,7 +214,10 @@ async fn the_watermark_is_in_place_before_the_call_and_stays_when_cognito_thrott
         .sign_out(call("a", Instant::now() + Duration::from_secs(5)))
         .await;
 
-    assert_eq!(outcome.expect_err("throttled").reason(), "COGNITO_THROTTLED");
+    assert_eq!(
+        outcome.expect_err("throttled").reason(),
+        "COGNITO_THROTTLED"
+    );
     let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
     assert_eq!(calls.len(), 1);
     assert!(calls[0].1, "revoked before Cognito was called");
@@ -277,6 +280,16 @@ async fn a_failed_lookup_ends_the_job_at_once_with_no_call() {
         "before the permit's slot (1 s): {:?}",
         start.elapsed()
     );
-    assert!(setup.upstream.calls.lock().expect("not poisoned").is_empty());
-    assert!(setup.flow.queued().is_empty(), "nobody can join a failed job");
+    assert!(
+        setup
+            .upstream
+            .calls
+            .lock()
+            .expect("not poisoned")
+            .is_empty()
+    );
+    assert!(
+        setup.flow.queued().is_empty(),
+        "nobody can join a failed job"
+    );
 }
