@@ -203,10 +203,11 @@ impl SignOutFlow {
                     wait_ms = waited.as_secs_f64() * 1000.0,
                     "rate-limit permit granted"
                 );
-                if !revoked && let Err(error) = revoking.await {
-                    return self.end_without_call(&job, error);
+                if revoked {
+                    self.call_with_retries(&job).await
+                } else {
+                    self.call_after_lookup(&job, revoking).await
                 }
-                self.call_with_retries(&job).await
             }
             Err(limited) => {
                 tracing::debug!(
@@ -217,6 +218,29 @@ impl SignOutFlow {
             }
         };
         job.outcome.send_replace(Some(result));
+    }
+
+    /// The permit came before the lookup ended. A call that follows its
+    /// slot by less than one permit interval adds at most one call to any
+    /// second at Cognito; a later one takes a permit of its own (the first
+    /// is lost capacity, never an overrun), so that slow lookups ending
+    /// together never reach Cognito as a burst.
+    async fn call_after_lookup(
+        &self,
+        job: &Arc<Job>,
+        lookup: impl std::future::Future<Output = Result<(), SignOutError>>,
+    ) -> Outcome {
+        let granted = Instant::now();
+        if let Err(error) = lookup.await {
+            job.audit(0, error.reason(), None);
+            return Err(error);
+        }
+        let rate = self.inner.budget.current_rate().max(0.001);
+        let interval = std::time::Duration::from_secs_f64(1.0 / rate);
+        if granted.elapsed() > interval {
+            self.inner.budget.acquire(job.deadline()).await?;
+        }
+        self.call_with_retries(job).await
     }
 
     /// The lookup failed: nobody may join, no sign-out call is made (the

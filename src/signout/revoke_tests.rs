@@ -293,3 +293,54 @@ async fn a_failed_lookup_ends_the_job_at_once_with_no_call() {
         "nobody can join a failed job"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_ends_within_an_interval_of_the_slot_calls_on_that_permit() {
+    // Slot at 1 s, lookup done at 1.5 s: within one interval (1 s).
+    let setup = setup(directory(Duration::from_millis(1500), true), None, true).await;
+    let start = Instant::now();
+
+    setup
+        .flow
+        .sign_out(call("a", start + Duration::from_secs(5)))
+        .await
+        .expect("signed out");
+
+    let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
+    assert_eq!(calls[0].0 - start, Duration::from_millis(1500));
+    let wait = next_permit(&setup.flow).await;
+    assert_eq!(wait, Duration::from_millis(500), "one permit taken: the next at 2 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_ends_later_takes_a_permit_of_its_own() {
+    // Slot at 1 s, lookup done at 2.5 s: the call must not ride the old
+    // permit (slow lookups ending together would reach Cognito as a burst).
+    let setup = setup(directory(Duration::from_millis(2500), true), None, true).await;
+    let start = Instant::now();
+
+    setup
+        .flow
+        .sign_out(call("a", start + Duration::from_secs(5)))
+        .await
+        .expect("signed out");
+
+    let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
+    assert!(calls[0].0 - start >= Duration::from_millis(2500));
+    let wait = next_permit(&setup.flow).await;
+    assert_eq!(
+        wait,
+        Duration::from_secs(1),
+        "a second permit was taken at 2.5 s: the next at 3.5 s"
+    );
+}
+
+/// How long the next permit takes from now (virtual time).
+async fn next_permit(flow: &SignOutFlow) -> Duration {
+    let asked = Instant::now();
+    flow.budget()
+        .acquire(asked + Duration::from_secs(10))
+        .await
+        .expect("a permit");
+    asked.elapsed()
+}

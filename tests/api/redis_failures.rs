@@ -373,8 +373,21 @@ async fn a_script_flush_between_calls_costs_one_reload_not_a_failure() {
         // Assert: each script's EVALSHA met NOSCRIPT, redis-rs loaded the
         // script and sent EVALSHA again, which ran: one reload per script,
         // no error. The scripts are the budget's and the revocation log's
-        // (the watermark, and the follower's epoch check now and then).
-        let stats = info(&redis, "commandstats").await;
+        // (the watermark, written beside the Cognito call, and the
+        // follower's epoch check now and then): wait for the watermark's.
+        let written = "session_revocations_recorded_total{result=\"logged\"}";
+        let again = "session_revocations_recorded_total{result=\"already_logged\"}";
+        let mut stats = String::new();
+        for _ in 0..100 {
+            stats = info(&redis, "commandstats").await;
+            let recorded = replica.metric(written).await + replica.metric(again).await;
+            let settled = stat(&stats, "cmdstat_evalsha", "failed_calls")
+                == stat(&stats, "cmdstat_script|load", "calls");
+            if recorded >= f64::from(round) && settled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         println!("SCRIPT FLUSH round {round}:\n{stats}");
         let refused = stat(&stats, "cmdstat_evalsha", "failed_calls");
         let loads = stat(&stats, "cmdstat_script|load", "calls");
@@ -500,6 +513,7 @@ impl Replica {
             .args(["--log-format", "json", "--drain-delay", "0s"])
             .args(["--cognito-endpoint", &fake.endpoint()])
             .args(["--upstream-initial-backoff", "1ms"])
+            .args(helpers::UNLIMITED_LOOKUPS)
             .args(["--rate-limit-rps", &FLEET_RPS.to_string()])
             .args(["--rate-limit-burst", "10"])
             .args(["--fallback-rate-limit-rps", &FALLBACK_RPS.to_string()])
@@ -554,8 +568,10 @@ impl Replica {
             .await;
         assert_eq!(self.mode().await, "shared", "{}", self.name);
         self.sign_out().await.expect("signed out");
+        // One reservation; two if the user's lookup ended more than a
+        // permit interval after it (a slow machine).
         let answered = "session_redis_duration_seconds_count{op=\"reserve\"}";
-        assert_eq!(self.metric(answered).await, 1.0, "{}", self.name);
+        assert!(self.metric(answered).await >= 1.0, "{}", self.name);
     }
 
     async fn sign_out(&self) -> Result<(), Status> {
