@@ -17,6 +17,7 @@ use crate::{
     domain::{InvalidField, SignOutRequest},
     error::{ErrorChain, SignOutError},
     identity::{self, CallerId, IdentitySource, PeerInfo},
+    limiter::CallerRef,
     metrics::Metrics,
     pools::PoolPolicy,
     proto::{
@@ -24,7 +25,6 @@ use crate::{
         WatchRevocationsRequest, session_service_server::SessionService,
     },
     revocation::Revocations,
-    limiter::CallerRef,
     signout::{JobCaller, SignOutCall, SignOutFlow},
     telemetry::{AccessNote, UserHasher},
     tokens::Tokens,

@@ -107,7 +107,7 @@ impl FakeCognito {
                         let keys = keys.clone();
                         async move {
                             if request.uri().path().ends_with("/.well-known/jwks.json") {
-                                Ok(serve_jwks(&keys))
+                                serve_jwks(&keys)
                             } else if is_lookup(&request) {
                                 look_up(request, users).await
                             } else {
