@@ -27,7 +27,7 @@ use crate::{
 const PROPAGATION_BOUND: Duration = Duration::from_secs(5);
 const CAUGHT_UP: &str = "revocation log: caught up; following it";
 
-/// One fleets' processes at a time: two fleets on two cores would measure
+/// One fleet's processes at a time: two fleets on two cores would measure
 /// the machine, not the propagation.
 static ONE_FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -73,25 +73,23 @@ impl Replica {
                 lines.lock().expect("not poisoned").push(line);
             }
         });
-        let mut replica = Self {
-            name,
-            _process: process,
-            client: SessionServiceClient::new(channel(([127, 0, 0, 1], 0).into()).await),
-            metrics: ([127, 0, 0, 1], 0).into(),
-            log,
-        };
-        let started = replica
-            .wait_for_log(|line| line["addr"].is_string() && line["metrics_addr"].is_string())
-            .await;
+        let started = first_line(name, &log, |line| {
+            line["addr"].is_string() && line["metrics_addr"].is_string()
+        })
+        .await;
         let address = |key: &str| {
             started[key]
                 .as_str()
-                .expect("address")
-                .parse()
-                .expect("address")
+                .and_then(|addr| addr.parse().ok())
+                .expect("a socket address")
         };
-        replica.client = SessionServiceClient::new(channel(address("addr")).await);
-        replica.metrics = address("metrics_addr");
+        let replica = Self {
+            name,
+            _process: process,
+            client: SessionServiceClient::new(channel(address("addr")).await),
+            metrics: address("metrics_addr"),
+            log,
+        };
         replica.wait_for_message(CAUGHT_UP).await;
         replica
     }
@@ -101,25 +99,7 @@ impl Replica {
         &self,
         matches: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(line) = self
-                .log
-                .lock()
-                .expect("not poisoned")
-                .iter()
-                .find(|l| matches(l))
-            {
-                return line.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: not logged within 60 s:\n{}",
-                self.name,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        first_line(self.name, &self.log, matches).await
     }
 
     async fn wait_for_message(&self, message: &str) -> serde_json::Value {
@@ -161,6 +141,29 @@ impl Replica {
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+}
+
+/// The first line of `log` that `matches`, waiting up to 60 s for it.
+async fn first_line(
+    name: &str,
+    log: &Mutex<Vec<serde_json::Value>>,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        {
+            let log = log.lock().expect("not poisoned");
+            if let Some(line) = log.iter().find(|line| matches(line)) {
+                return line.clone();
+            }
+            let all: String = log.iter().map(|line| format!("{line}\n")).collect();
+            assert!(
+                Instant::now() < deadline,
+                "{name}: not logged within 60 s:\n{all}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
