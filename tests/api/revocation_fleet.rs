@@ -12,14 +12,14 @@ use std::{
 
 use session_service::{proto::session_service_client::SessionServiceClient, tokens::mint::MintKey};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tonic::transport::Channel;
+use tonic::{Code, transport::Channel};
 
 use crate::{
     fake_cognito::{FakeCognito, Reply, synthesized_sub},
-    helpers::{POOL, binary, channel, percentile},
+    helpers::{POOL, assert_error, binary, channel, percentile},
     redis_server::TestRedis,
     revocation::{fake_with_keys, metric, now, token_for, verdict},
-    watch::{next, watch},
+    watch::{end, next, watch},
 };
 
 /// Far above the 100 ms the fleet is meant to take, so that a loaded
@@ -235,6 +235,8 @@ async fn redis_losing_the_log_is_logged_counted_and_repaired_from_the_replicas()
     a.sign_out("lost-1").await;
     let token = token_of(&key, "lost-1");
     assert_eq!(a.verdict(&token).await, "revoked");
+    let mut watching = watch(&a.client, &[POOL], "").await.expect("watching A");
+    let before_the_loss = next(&mut watching).await;
 
     // A restart without persistence: the same port, no data.
     redis.kill();
@@ -253,6 +255,13 @@ async fn redis_losing_the_log_is_logged_counted_and_repaired_from_the_replicas()
     let resets = metric(a.metrics, "session_revocation_log_resets_total").await;
     assert_eq!(resets, 1.0, "{}", a.log());
     assert_eq!(a.verdict(&token).await, "revoked", "A still holds it");
+    let status = end(&mut watching).await;
+    assert_error(&status, Code::Unavailable, "REVOCATION_LOG_RESET", true);
+    // The cursor is of the lost log: resuming with it replays what is live.
+    let mut resumed = watch(&a.client, &[POOL], &before_the_loss.cursor)
+        .await
+        .expect("resumed");
+    assert_eq!(next(&mut resumed).await.sub, synthesized_sub("lost-1"));
     let d = Replica::start("D", &redis, &fake).await;
     assert_eq!(d.verdict(&token).await, "revoked", "written back for D");
 }

@@ -46,7 +46,7 @@ pub(crate) async fn next(stream: &mut Streaming<Revocation>) -> Revocation {
 }
 
 /// How the stream ends, which must happen within [`PATIENCE`].
-async fn end(stream: &mut Streaming<Revocation>) -> Status {
+pub(crate) async fn end(stream: &mut Streaming<Revocation>) -> Status {
     loop {
         let message = tokio::time::timeout(PATIENCE, stream.message())
             .await
@@ -59,7 +59,7 @@ async fn end(stream: &mut Streaming<Revocation>) -> Status {
     }
 }
 
-async fn app() -> (FakeCognito, TestApp) {
+async fn fake_and_app() -> (FakeCognito, TestApp) {
     let fake = FakeCognito::start(Reply::Ok).await;
     let app = TestApp::spawn(test_config(&fake.endpoint())).await;
     (fake, app)
@@ -67,7 +67,7 @@ async fn app() -> (FakeCognito, TestApp) {
 
 #[tokio::test]
 async fn a_watcher_gets_the_snapshot_then_the_tail_in_log_order_with_cursors() {
-    let (_fake, app) = app().await;
+    let (_fake, app) = fake_and_app().await;
     app.sign_out(POOL, "w-one").await.expect("signed out");
     app.sign_out(POOL, "w-two").await.expect("signed out");
 
@@ -102,7 +102,7 @@ async fn a_watcher_gets_the_snapshot_then_the_tail_in_log_order_with_cursors() {
 
 #[tokio::test]
 async fn resuming_with_a_cursor_loses_nothing_and_a_foreign_cursor_replays_everything_live() {
-    let (_fake, app) = app().await;
+    let (_fake, app) = fake_and_app().await;
     for user in ["r-one", "r-two", "r-three"] {
         app.sign_out(POOL, user).await.expect("signed out");
     }
@@ -117,9 +117,13 @@ async fn resuming_with_a_cursor_loses_nothing_and_a_foreign_cursor_replays_every
     let three = next(&mut resumed).await;
     app.sign_out(POOL, "r-four").await.expect("signed out");
     let four = next(&mut resumed).await;
-    // Well formed, but of a log this server never had (another replica
-    // without Redis, or a log that was lost).
-    let mut foreign = watch(&app.client, &[POOL], "0123456789abcdef.1-0")
+    // A cursor of another server's log (without Redis, each has its own).
+    let (_other_fake, other) = fake_and_app().await;
+    other.sign_out(POOL, "elsewhere").await.expect("signed out");
+    let elsewhere = next(&mut watch(&other.client, &[POOL], "").await.expect("watching"))
+        .await
+        .cursor;
+    let mut foreign = watch(&app.client, &[POOL], &elsewhere)
         .await
         .expect("a foreign cursor is not an error");
     let mut replayed = Vec::new();
@@ -137,7 +141,7 @@ async fn resuming_with_a_cursor_loses_nothing_and_a_foreign_cursor_replays_every
 
 #[tokio::test]
 async fn an_invalid_cursor_is_an_invalid_field() {
-    let (_fake, app) = app().await;
+    let (_fake, app) = fake_and_app().await;
 
     let status = watch(&app.client, &[POOL], "not-a-cursor")
         .await
@@ -233,7 +237,7 @@ async fn a_watch_ends_with_shutting_down_when_the_server_drains_and_does_not_hol
 
 #[tokio::test]
 async fn grpcurl_watches_revocations_from_a_terminal() {
-    let (_fake, app) = app().await;
+    let (_fake, app) = fake_and_app().await;
     app.sign_out(POOL, "g-before").await.expect("signed out");
     let mut grpcurl = tokio::process::Command::new(tools::grpcurl())
         .args(["-plaintext", "-d"])
