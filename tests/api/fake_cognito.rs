@@ -1,7 +1,9 @@
 //! A fake Cognito over real HTTP: it answers AWS JSON 1.1 bytes, so the real
 //! SDK parses them, and records what it was sent. Sign-outs get the one
 //! [`Reply`]; AdminGetUser lookups are answered from a user table of their
-//! own and recorded apart, so `requests()` means sign-outs only.
+//! own and recorded apart, so `requests()` means sign-outs only. A JWKS
+//! document, once set, is served on `GET /{pool}/.well-known/jwks.json`,
+//! so that one endpoint serves both the sign-outs and the test's own keys.
 
 use std::{
     collections::HashMap,
@@ -53,6 +55,7 @@ pub(crate) struct FakeCognito {
     reply: Arc<Mutex<Reply>>,
     requests: Arc<Recorder>,
     directory: Arc<Directory>,
+    jwks: Arc<Mutex<Option<Bytes>>>,
     server: JoinHandle<()>,
 }
 
@@ -83,6 +86,8 @@ impl FakeCognito {
         let users = directory.clone();
         let reply = Arc::new(Mutex::new(reply));
         let current = reply.clone();
+        let jwks = Arc::new(Mutex::new(None::<Bytes>));
+        let keys = jwks.clone();
         let server = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -91,6 +96,7 @@ impl FakeCognito {
                 let recorded = recorded.clone();
                 let current = current.clone();
                 let users = users.clone();
+                let keys = keys.clone();
                 tokio::spawn(async move {
                     // Read per request: the SDK keeps connections open
                     // across a change of reply.
@@ -98,8 +104,11 @@ impl FakeCognito {
                         let reply = current.lock().expect("not poisoned").clone();
                         let recorded = recorded.clone();
                         let users = users.clone();
+                        let keys = keys.clone();
                         async move {
-                            if is_lookup(&request) {
+                            if request.uri().path().ends_with("/.well-known/jwks.json") {
+                                serve_jwks(&keys)
+                            } else if is_lookup(&request) {
                                 look_up(request, users).await
                             } else {
                                 handle(request, reply, recorded).await
@@ -117,8 +126,15 @@ impl FakeCognito {
             reply,
             requests,
             directory,
+            jwks,
             server,
         }
+    }
+
+    /// Serves `document` as every pool's JWKS from now on (HTTP 404 until
+    /// then, as for any path Cognito does not have).
+    pub(crate) fn set_jwks(&self, document: Vec<u8>) {
+        *self.jwks.lock().expect("not poisoned") = Some(Bytes::from(document));
     }
 
     /// AdminGetUser of `requested` answers `canonical` with this `sub`.
@@ -225,6 +241,18 @@ async fn handle(
         other => other,
     };
     Ok(respond(reply, number).await)
+}
+
+fn serve_jwks(jwks: &Mutex<Option<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let document = jwks.lock().expect("not poisoned").clone();
+    let response = match document {
+        Some(document) => Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Full::from(document)),
+        None => Response::builder().status(404).body(Full::default()),
+    };
+    Ok(response.expect("valid response"))
 }
 
 fn is_lookup<B>(request: &Request<B>) -> bool {
