@@ -17,7 +17,6 @@ use crate::{
     domain::{InvalidField, SignOutRequest},
     error::{ErrorChain, SignOutError},
     identity::{self, CallerId, IdentitySource, PeerInfo},
-    limiter::CallerRef,
     metrics::Metrics,
     pools::PoolPolicy,
     proto::{
