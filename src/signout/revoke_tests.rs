@@ -309,7 +309,11 @@ async fn a_lookup_that_ends_within_an_interval_of_the_slot_calls_on_that_permit(
     let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
     assert_eq!(calls[0].0 - start, Duration::from_millis(1500));
     let wait = next_permit(&setup.flow).await;
-    assert_eq!(wait, Duration::from_millis(500), "one permit taken: the next at 2 s");
+    assert_eq!(
+        wait,
+        Duration::from_millis(500),
+        "one permit taken: the next at 2 s"
+    );
 }
 
 #[tokio::test(start_paused = true)]
