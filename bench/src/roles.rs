@@ -13,8 +13,8 @@ use hyper::{Request, Response, body::Bytes, server::conn::http1, service::servic
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::DecodingKey;
 use session_service::proto::{
-    GlobalSignOutRequest, GlobalSignOutResponse, Revocation, VerifyTokenRequest,
-    VerifyTokenResponse, WatchRevocationsRequest,
+    GlobalSignOutRequest, GlobalSignOutResponse, VerifyTokenRequest, VerifyTokenResponse,
+    WatchRevocationsRequest, WatchRevocationsResponse,
     session_service_server::{SessionService, SessionServiceServer},
 };
 use tokio::net::TcpListener;
@@ -138,7 +138,7 @@ impl SessionService for Floor {
         Ok(tonic::Response::new(response))
     }
 
-    type WatchRevocationsStream = tonic::codegen::BoxStream<Revocation>;
+    type WatchRevocationsStream = tonic::codegen::BoxStream<WatchRevocationsResponse>;
 
     /// No benchmark measures watching against a floor.
     async fn watch_revocations(

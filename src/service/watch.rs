@@ -19,7 +19,7 @@ use crate::{
 
 /// The stream tonic sends.
 pub(super) type RevocationStream =
-    Pin<Box<dyn Stream<Item = Result<proto::Revocation, Status>> + Send>>;
+    Pin<Box<dyn Stream<Item = Result<proto::WatchRevocationsResponse, Status>> + Send>>;
 
 impl SessionApi {
     pub(super) fn watch(
@@ -55,8 +55,8 @@ impl SessionApi {
     }
 }
 
-fn to_proto(watched: Watched) -> proto::Revocation {
-    proto::Revocation {
+fn to_proto(watched: Watched) -> proto::WatchRevocationsResponse {
+    proto::WatchRevocationsResponse {
         user_pool_id: watched.revocation.pool.as_str().to_owned(),
         sub: watched.revocation.sub,
         revoked_before: watched.revocation.revoked_before,

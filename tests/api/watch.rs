@@ -5,7 +5,7 @@
 use std::{process::Stdio, time::Duration};
 
 use session_service::proto::{
-    Revocation, WatchRevocationsRequest, session_service_client::SessionServiceClient,
+    WatchRevocationsRequest, WatchRevocationsResponse, session_service_client::SessionServiceClient,
 };
 use tokio::io::AsyncReadExt;
 use tonic::{Code, Status, Streaming, transport::Channel};
@@ -25,7 +25,7 @@ pub(crate) async fn watch(
     client: &SessionServiceClient<Channel>,
     pools: &[&str],
     cursor: &str,
-) -> Result<Streaming<Revocation>, Status> {
+) -> Result<Streaming<WatchRevocationsResponse>, Status> {
     client
         .clone()
         .watch_revocations(WatchRevocationsRequest {
@@ -37,7 +37,9 @@ pub(crate) async fn watch(
 }
 
 /// The next message, which must come within [`PATIENCE`].
-pub(crate) async fn next(stream: &mut Streaming<Revocation>) -> Revocation {
+pub(crate) async fn next(
+    stream: &mut Streaming<WatchRevocationsResponse>,
+) -> WatchRevocationsResponse {
     tokio::time::timeout(PATIENCE, stream.message())
         .await
         .expect("a message within the patience")
@@ -46,7 +48,7 @@ pub(crate) async fn next(stream: &mut Streaming<Revocation>) -> Revocation {
 }
 
 /// How the stream ends, which must happen within [`PATIENCE`].
-pub(crate) async fn end(stream: &mut Streaming<Revocation>) -> Status {
+pub(crate) async fn end(stream: &mut Streaming<WatchRevocationsResponse>) -> Status {
     loop {
         let message = tokio::time::timeout(PATIENCE, stream.message())
             .await
