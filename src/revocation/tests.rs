@@ -164,3 +164,35 @@ async fn a_client_that_leaves_frees_its_place() {
     }
     assert!(again.is_some(), "the place was freed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_opened_while_sign_outs_are_recorded_misses_none() {
+    let revocations = memory(4);
+    let eu = pool("eu-west-1_abc");
+    let total = 30_000;
+    let recorder = {
+        let (revocations, eu) = (revocations.clone(), eu.clone());
+        tokio::spawn(async move {
+            for user in 0..total {
+                revocations
+                    .record(&eu, &format!("user-{user}"))
+                    .logged()
+                    .await;
+                if user % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    // Open it while the recorder runs.
+    while revocations.len() < 1_000 {
+        tokio::task::yield_now().await;
+    }
+    let mut stream = revocations.watch(vec![eu], None).expect("a watcher");
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < total {
+        let watched = next(&mut stream).await;
+        assert!(seen.insert(watched.revocation.sub), "sent once");
+    }
+    recorder.await.expect("the recorder");
+}

@@ -110,64 +110,63 @@ impl Watcher {
     }
 
     async fn stream(&self, cursor: Option<Cursor>) -> Result<(), Gone> {
-        // Subscribe before the snapshot: what the snapshot misses arrives
-        // as an event (and what both have is sent once).
+        // Nothing is logged, and no cursor can be judged, before the log is
+        // loaded: wait for it (during a Redis outage, until Redis is back).
+        let mut loaded = self.shared.caught_up.subscribe();
+        if loaded.wait_for(|loaded| *loaded).await.is_err() {
+            return Err(Gone);
+        }
+        // Subscribe before the snapshot: what comes after the snapshot's
+        // end arrives as an event (and what both hold is sent once).
         let mut events = self.shared.watermarks.subscribe();
-        let epoch = self.shared.epoch.load_full();
+        let Some(epoch) = self.shared.epoch.load_full() else {
+            return Err(Gone);
+        };
         let mut after = cursor
-            .filter(|cursor| epoch.as_deref() == Some(&cursor.epoch))
+            .filter(|cursor| cursor.epoch == *epoch)
             .map(|cursor| cursor.position);
-        self.send_logged_since(&mut after, epoch.as_deref()).await?;
+        self.send_logged_since(&mut after, &epoch).await?;
         loop {
             match events.recv().await {
                 Ok(LogEvent::Revoked(revocation)) => {
                     if self.pools.contains(&revocation.pool)
                         && after.is_none_or(|after| revocation.position > after)
                     {
+                        self.send(Revocation::clone(&revocation), &epoch).await?;
                         after = Some(revocation.position);
-                        let epoch = self.shared.epoch.load_full();
-                        self.send(Revocation::clone(&revocation), epoch.as_deref())
-                            .await?;
                     }
                 }
                 Ok(LogEvent::Reset) => {
                     let _ = self.sender.send(Err(WatchEnd::LogReset)).await;
                     return Err(Gone);
                 }
-                Err(RecvError::Lagged(_)) => {
-                    let epoch = self.shared.epoch.load_full();
-                    self.send_logged_since(&mut after, epoch.as_deref()).await?;
-                }
+                // Fell behind the event buffer: the map has what was missed.
+                Err(RecvError::Lagged(_)) => self.send_logged_since(&mut after, &epoch).await?,
                 Err(RecvError::Closed) => return Err(Gone),
             }
         }
     }
 
-    /// Sends what the map holds past `after`, in log order.
+    /// Sends the log's prefix after `after` held in the map, in log order,
+    /// and moves `after` to the prefix's end.
     async fn send_logged_since(
         &self,
         after: &mut Option<Position>,
-        epoch: Option<&Epoch>,
+        epoch: &Epoch,
     ) -> Result<(), Gone> {
-        let snapshot = {
-            // Each snapshot copies the matching part of the map.
-            let _permit = self.shared.snapshots.acquire().await;
-            self.shared
-                .watermarks
-                .logged_since(Some(&self.pools), *after)
-        };
+        // Held while the snapshot is sent, not only while it is built: it
+        // bounds the snapshots in memory at once, whatever the clients' pace.
+        let _permit = self.shared.snapshots.acquire().await;
+        let snapshot = self.shared.watermarks.snapshot(Some(&self.pools), *after);
+        let end = snapshot.end;
         for revocation in snapshot {
-            *after = Some(revocation.position);
             self.send(revocation, epoch).await?;
         }
+        *after = Some(end);
         Ok(())
     }
 
-    async fn send(&self, revocation: Revocation, epoch: Option<&Epoch>) -> Result<(), Gone> {
-        let Some(epoch) = epoch else {
-            // Nothing is logged before the epoch is known.
-            return Ok(());
-        };
+    async fn send(&self, revocation: Revocation, epoch: &Epoch) -> Result<(), Gone> {
         let watched = Watched {
             expires_at: revocation
                 .revoked_before

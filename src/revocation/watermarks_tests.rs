@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use super::*;
 
 const ALICE: &str = "8f3c2a10-5b7d-4e21-9a0c-1d2e3f405162";
@@ -141,4 +143,31 @@ fn a_uuid_bucket_is_36_bytes_and_positions_read_back() {
     assert!(entry.raise(1_733_333_333));
     assert!(!entry.raise(1_733_333_000));
     assert_eq!(entry.revoked_before(), 1_733_333_333);
+}
+
+#[test]
+fn a_snapshot_taken_while_entries_arrive_is_a_prefix_of_the_log() {
+    // One thread applies entries in log order while snapshots are taken:
+    // each must hold every entry up to its end, none after.
+    let marks = Arc::new(Watermarks::new(86_400));
+    let total: u64 = 50_000;
+    let writer = {
+        let marks = marks.clone();
+        std::thread::spawn(move || {
+            for ms in 1..=total {
+                marks.apply_logged(logged("eu-west-1_abc", &format!("user-{ms}"), 10, ms));
+            }
+        })
+    };
+    let mut checked = 0;
+    while !writer.is_finished() || checked == 0 {
+        let snapshot = marks.snapshot(None, None);
+        let end = snapshot.end.ms;
+        let positions: Vec<u64> = snapshot.map(|r| r.position.ms).collect();
+        assert_eq!(positions.len() as u64, end, "a gap before {end}");
+        assert!(positions.iter().copied().eq(1..=end));
+        checked += 1;
+    }
+    writer.join().expect("the writer");
+    assert_eq!(marks.snapshot(None, None).count() as u64, total);
 }

@@ -13,7 +13,7 @@ use crate::{
     error::SignOutError,
     identity::PeerInfo,
     proto::{self, WatchRevocationsRequest},
-    revocation::Watched,
+    revocation::{WatchEnd, Watched},
     telemetry::AccessNote,
 };
 
@@ -48,10 +48,27 @@ impl SessionApi {
         let names: Vec<&str> = pools.iter().map(|pool| pool.as_str()).collect();
         note.target(&names.join(","), String::new(), None);
         let stream = self.revocations.watch(pools, command.cursor)?;
-        Ok(Box::pin(stream.map(|item| {
-            item.map(to_proto)
-                .map_err(|end| Status::from(SignOutError::from(end)))
-        })))
+        // A watch never ends by itself: if it ends without saying why (the
+        // server stopping, a final message the client did not read in time),
+        // it ends UNAVAILABLE / SHUTTING_DOWN, never OK, so that the client
+        // reconnects.
+        let mut ended = false;
+        Ok(Box::pin(
+            stream
+                .map(Some)
+                .chain(tokio_stream::once(None))
+                .filter_map(move |item| match item {
+                    Some(Ok(watched)) => Some(Ok(to_proto(watched))),
+                    Some(Err(end)) => {
+                        ended = true;
+                        Some(Err(Status::from(SignOutError::from(end))))
+                    }
+                    None if ended => None,
+                    None => Some(Err(Status::from(SignOutError::from(
+                        WatchEnd::ShuttingDown,
+                    )))),
+                }),
+        ))
     }
 }
 
