@@ -212,7 +212,8 @@ impl SignOutFlow {
                         // taken; one who asked after a sign-in later than
                         // it must not get OK with that token still valid.
                         // Raising it now, as nobody can join any more,
-                        // covers them all (an unchanged value logs nothing).
+                        // covers them all (Redis logs nothing when the value
+                        // did not rise).
                         if queued {
                             self.record(&job, sub.as_ref());
                         }
