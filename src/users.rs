@@ -129,6 +129,12 @@ impl SubResolver {
         }
     }
 
+    /// Drops what is cached for `username` in `pool`: Cognito said the user
+    /// is gone, so a user created again under that name has a new sub.
+    pub fn forget(&self, pool: &UserPoolId, username: &Username) {
+        self.inner.cache.remove(&(pool.clone(), username.clone()));
+    }
+
     fn cached(&self, key: &(UserPoolId, Username)) -> Option<Sub> {
         let cached = self.inner.cache.get(key)?;
         if Instant::now() < cached.expires {

@@ -14,14 +14,19 @@ const MAX_CACHE_SIZE: u64 = 10_000_000;
 #[derive(Debug, Clone, Args)]
 pub struct UserLookupConfig {
     /// AdminGetUser calls per second from this replica (not the fleet's:
-    /// this budget is never in Redis). They draw on Cognito's UserRead
-    /// quota, 120/s per AWS account and Region and shared with every other
-    /// app's AdminGetUser calls: keep replicas × this well under it.
-    #[arg(long, env = "SESSION_USER_LOOKUP_RATE_LIMIT_RPS", default_value_t = 10.0, value_name = "RPS", value_parser = super::parse_rate)]
+    /// this budget is never in Redis). Each sign-out the sign-out budget
+    /// admits may need one, so keep it at least that budget's rate plus
+    /// burst (20 + 5 by default, all of which one replica may take), or
+    /// uncached sign-outs beyond it fail RATE_LIMITED. They draw on
+    /// Cognito's UserRead quota, 120/s per AWS account and Region and
+    /// shared with every other app's AdminGetUser calls: keep replicas ×
+    /// this well under it (3 × 25 = 75 by default).
+    #[arg(long, env = "SESSION_USER_LOOKUP_RATE_LIMIT_RPS", default_value_t = 25.0, value_name = "RPS", value_parser = super::parse_rate)]
     pub user_lookup_rate_limit_rps: f64,
 
-    /// AdminGetUser calls this replica may make at once after a quiet period.
-    #[arg(long, env = "SESSION_USER_LOOKUP_BURST", default_value_t = 10,
+    /// AdminGetUser calls this replica may make at once after a quiet
+    /// period: as many as the sign-outs it may be admitted in one second.
+    #[arg(long, env = "SESSION_USER_LOOKUP_BURST", default_value_t = 25,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub user_lookup_burst: u32,
 

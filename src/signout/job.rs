@@ -20,6 +20,7 @@ use crate::{
     error::{SignOutError, UpstreamError, UpstreamErrorKind},
     identity::{CallerId, IdentitySource},
     limiter::{RateLimitCause, RateLimited, Reservation, ReservationDeadline},
+    users::Sub,
 };
 
 pub(super) type Outcome = Result<SignedOut, SignOutError>;
@@ -169,21 +170,23 @@ impl SignOutFlow {
     /// slots (calls released late arrive at Cognito bunched).
     pub(super) async fn run(&self, job: Arc<Job>, reservation: Reservation) {
         let waiting_since = Instant::now();
+        // Only a queued job can be joined, and only until its permit.
+        let queued = !reservation.is_granted();
         let revoking = self.revoke(&job);
         tokio::pin!(revoking);
         let permit = async {
-            if reservation.is_granted() {
-                Some(Ok(()))
-            } else {
+            if queued {
                 self.wait_for_permit(&job, reservation).await
+            } else {
+                Some(Ok(()))
             }
         };
         tokio::pin!(permit);
-        let mut revoked = false;
+        let mut revoked = None;
         let granted = loop {
             tokio::select! {
-                result = &mut revoking, if !revoked => match result {
-                    Ok(()) => revoked = true,
+                result = &mut revoking, if revoked.is_none() => match result {
+                    Ok(sub) => revoked = Some(sub),
                     // Nothing to call Cognito for: the slot is given up.
                     Err(error) => return self.end_without_call(&job, error),
                 },
@@ -203,10 +206,20 @@ impl SignOutFlow {
                     wait_ms = waited.as_secs_f64() * 1000.0,
                     "rate-limit permit granted"
                 );
-                if revoked {
-                    self.call_with_retries(&job).await
-                } else {
-                    self.call_after_lookup(&job, revoking).await
+                match revoked {
+                    Some(sub) => {
+                        // Callers kept joining after the watermark was
+                        // taken; one who asked after a sign-in later than
+                        // it must not get OK with that token still valid.
+                        // Raising it now, as nobody can join any more,
+                        // covers them all (Redis logs nothing when the value
+                        // did not rise).
+                        if queued {
+                            self.record(&job, sub.as_ref());
+                        }
+                        self.call_with_retries(&job).await
+                    }
+                    None => self.call_after_lookup(&job, revoking, queued).await,
                 }
             }
             Err(limited) => {
@@ -217,18 +230,23 @@ impl SignOutFlow {
                 Err(limited.into())
             }
         };
+        self.forget_if_gone(&job, &result);
         job.outcome.send_replace(Some(result));
     }
 
-    /// The permit came before the lookup ended. A call that follows its
-    /// slot by less than one permit interval adds at most one call to any
-    /// second at Cognito; a later one takes a permit of its own (the first
-    /// is lost capacity, never an overrun), so that slow lookups ending
-    /// together never reach Cognito as a burst.
+    /// The permit came before the lookup ended (the watermark, taken when
+    /// it ends, then postdates every joiner). A permit granted at once is
+    /// within the budget's burst, so the call may follow it at any time. A
+    /// queued permit is a slot: a call that follows it by less than one
+    /// permit interval adds at most one call to any second at Cognito; a
+    /// later one takes a permit of its own (the first is lost capacity,
+    /// never an overrun), so that slow lookups ending together never reach
+    /// Cognito as a burst.
     async fn call_after_lookup(
         &self,
         job: &Arc<Job>,
-        lookup: impl std::future::Future<Output = Result<(), SignOutError>>,
+        lookup: impl std::future::Future<Output = Result<Option<Sub>, SignOutError>>,
+        queued: bool,
     ) -> Outcome {
         let granted = Instant::now();
         if let Err(error) = lookup.await {
@@ -237,10 +255,21 @@ impl SignOutFlow {
         }
         let rate = self.inner.budget.current_rate().max(0.001);
         let interval = std::time::Duration::from_secs_f64(1.0 / rate);
-        if granted.elapsed() > interval {
+        if queued && granted.elapsed() > interval {
             self.inner.budget.acquire(job.deadline()).await?;
         }
         self.call_with_retries(job).await
+    }
+
+    /// Cognito says the user does not exist, so a cached sub for this name
+    /// belongs to a deleted user: a user created again under it must be
+    /// looked up afresh, not revoked under the old sub.
+    fn forget_if_gone(&self, job: &Job, result: &Outcome) {
+        if let (Some(revoker), Err(SignOutError::Upstream(error))) = (&self.inner.revoker, result)
+            && error.kind == UpstreamErrorKind::UserNotFound
+        {
+            revoker.users.forget(&job.key.0, &job.key.1);
+        }
     }
 
     /// The lookup failed: nobody may join, no sign-out call is made (the
@@ -251,23 +280,32 @@ impl SignOutFlow {
         job.outcome.send_replace(Some(Err(error)));
     }
 
-    /// The user's sub, then their watermark: in this replica's memory at
-    /// once, in Redis by a task of its own (its round trip, or its timeout
-    /// while Redis is down, never delays the call). So the revocation holds
-    /// even if Cognito throttles or fails the call. A failed lookup fails
-    /// the job: nothing is revoked or sent.
-    async fn revoke(&self, job: &Job) -> Result<(), SignOutError> {
+    /// The user's sub, then their watermark (see [`Self::record`]). A
+    /// failed lookup fails the job: nothing is revoked or sent. `None` when
+    /// the flow revokes nothing (tests of the budget alone).
+    async fn revoke(&self, job: &Job) -> Result<Option<Sub>, SignOutError> {
         let Some(revoker) = &self.inner.revoker else {
-            return Ok(());
+            return Ok(None);
         };
         let (pool, username) = &job.key;
         let sub = revoker
             .users
             .resolve(pool, username, job.deadline())
             .await?;
-        let recorded = revoker.revocations.record(pool, sub.as_str());
+        self.record(job, Some(&sub));
+        Ok(Some(sub))
+    }
+
+    /// Records the watermark: in this replica's memory at once, in Redis by
+    /// a task of its own (its round trip, or its timeout while Redis is
+    /// down, never delays the call). So the revocation holds even if
+    /// Cognito throttles or fails the call.
+    fn record(&self, job: &Job, sub: Option<&Sub>) {
+        let (Some(revoker), Some(sub)) = (&self.inner.revoker, sub) else {
+            return;
+        };
+        let recorded = revoker.revocations.record(&job.key.0, sub.as_str());
         tokio::spawn(recorded.logged());
-        Ok(())
     }
 
     /// Waits for the job's first permit and takes it out of the queue, so

@@ -47,8 +47,9 @@ pub struct SignOutCall {
     pub deadline: Instant,
 }
 
-/// What a job does once it holds its permit, before its first Cognito
-/// call: find the user's sub and record their revocation watermark. Here,
+/// What a job does before its first Cognito call, while it waits for its
+/// permit: find the user's sub and record their revocation watermark (again
+/// at the permit if it waited, for the callers who joined meanwhile). Here,
 /// not in the handler, so that a sign-out refused by the budget costs no
 /// AdminGetUser, and the callers of one job share one lookup.
 #[derive(Debug, Clone)]

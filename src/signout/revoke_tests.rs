@@ -1,7 +1,9 @@
 //! The job's lookup and watermark on paused time: recorded before the
 //! Cognito call, shared by the job's callers, overlapping the permit wait,
-//! and a failed lookup ending the job at once. Redis is not involved (the
-//! watermarks are in memory); its writes are tested in `revocation`.
+//! raised again at the permit for callers who joined after it, a failed
+//! lookup ending the job at once, and the permits a slow lookup spends.
+//! Redis is not involved (the watermarks are in memory); its writes are
+//! tested in `revocation`.
 
 use std::{
     sync::{Arc, Mutex},
@@ -22,12 +24,14 @@ use crate::{
 const SUB: &str = "8f3c2a10-5b7d-4e21-9a0c-1d2e3f405162";
 const POOL: &str = "us-east-1_TestPool1";
 
-/// Every name resolves to SUB, as an alias would (never cached), after
-/// `delay`; or nobody is found.
+/// Every name resolves to SUB, as an alias would (never cached), or as
+/// the canonical username with `canonical` (cached), after `delay`; or
+/// nobody is found.
 #[derive(Debug)]
 struct Directory {
     delay: Duration,
     found: bool,
+    canonical: bool,
     calls: Mutex<usize>,
 }
 
@@ -35,7 +39,7 @@ impl UserDirectory for Directory {
     fn get_user<'a>(
         &'a self,
         _pool: &'a UserPoolId,
-        _username: &'a Username,
+        username: &'a Username,
         _timeout: Duration,
     ) -> UserFuture<'a> {
         *self.calls.lock().expect("not poisoned") += 1;
@@ -48,7 +52,11 @@ impl UserDirectory for Directory {
                 ));
             }
             Ok(CognitoUser {
-                username: "the-canonical-name".to_owned(),
+                username: if self.canonical {
+                    username.expose().to_owned()
+                } else {
+                    "the-canonical-name".to_owned()
+                },
                 sub: Sub::new(SUB).expect("sub"),
             })
         })
@@ -102,19 +110,31 @@ struct Setup {
     directory: Arc<Directory>,
     upstream: Arc<Upstream>,
     revocations: Revocations,
+    revocation_metrics: RevocationMetrics,
+}
+
+impl Setup {
+    /// Watermarks recorded (memory-only mode counts each record).
+    fn recorded(&self) -> u64 {
+        self.revocation_metrics
+            .recorded
+            .with_label_values(&["memory_only"])
+            .get()
+    }
 }
 
 /// A flow at 1 permit/s, burst 1; with `spent`, the burst is taken, so the
 /// next permit is a second away.
 async fn setup(directory: Directory, error: Option<UpstreamErrorKind>, spent: bool) -> Setup {
     let registry = prometheus::Registry::new();
+    let revocation_metrics = RevocationMetrics::new(&registry);
     let revocations = Revocations::in_memory(
         RevocationSettings {
             skew: Duration::from_secs(5),
             ttl: Duration::from_secs(3600),
             max_watchers: 1,
         },
-        RevocationMetrics::new(&registry),
+        revocation_metrics.clone(),
     );
     let unlimited = LocalBudget::start(
         BudgetSettings {
@@ -175,6 +195,7 @@ async fn setup(directory: Directory, error: Option<UpstreamErrorKind>, spent: bo
         directory,
         upstream,
         revocations,
+        revocation_metrics,
     }
 }
 
@@ -182,6 +203,7 @@ fn directory(delay: Duration, found: bool) -> Directory {
     Directory {
         delay,
         found,
+        canonical: false,
         calls: Mutex::default(),
     }
 }
@@ -337,6 +359,97 @@ async fn a_lookup_that_ends_later_takes_a_permit_of_its_own() {
         Duration::from_secs(1),
         "a second permit was taken at 2.5 s: the next at 3.5 s"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_that_waited_records_its_watermark_again_at_the_permit() {
+    // Lookup and watermark at 0; b joins at 0.5 s (after the watermark, so
+    // it may follow a sign-in later than it); the permit comes at 1 s.
+    let setup = setup(directory(Duration::ZERO, true), None, true).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let late_joiner = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(setup.recorded(), 1, "recorded once the lookup ended");
+        setup.flow.sign_out(call("b", deadline)).await
+    };
+
+    let (first, second) = tokio::join!(setup.flow.sign_out(call("a", deadline)), late_joiner);
+
+    assert!(first.is_ok() && second.is_ok());
+    assert_eq!(setup.upstream.calls.lock().expect("not poisoned").len(), 1);
+    assert_eq!(setup.recorded(), 2, "recorded again at the permit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_granted_at_once_records_its_watermark_once() {
+    // Nobody can join a job granted at once: one watermark covers it.
+    let setup = setup(directory(Duration::ZERO, true), None, false).await;
+
+    setup
+        .flow
+        .sign_out(call("a", Instant::now() + Duration::from_secs(5)))
+        .await
+        .expect("signed out");
+
+    assert_eq!(setup.recorded(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_ends_after_the_permit_records_once() {
+    // The watermark is taken after the permit, when nobody can join.
+    let setup = setup(directory(Duration::from_millis(1500), true), None, true).await;
+
+    setup
+        .flow
+        .sign_out(call("a", Instant::now() + Duration::from_secs(5)))
+        .await
+        .expect("signed out");
+
+    assert_eq!(setup.recorded(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_immediate_grant_with_a_slow_lookup_calls_on_that_permit() {
+    // The burst's permit at 0, the lookup done at 2.5 s (over an interval):
+    // a permit from the burst may be spent at any time, so no second one.
+    let setup = setup(directory(Duration::from_millis(2500), true), None, false).await;
+    let start = Instant::now();
+
+    setup
+        .flow
+        .sign_out(call("a", start + Duration::from_secs(5)))
+        .await
+        .expect("signed out");
+
+    let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
+    assert_eq!(calls[0].0 - start, Duration::from_millis(2500));
+    assert!(calls[0].1, "revoked before the call");
+    let wait = next_permit(&setup.flow).await;
+    assert_eq!(
+        wait,
+        Duration::ZERO,
+        "one permit taken: the bucket refilled at 1 s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_cognito_does_not_find_is_looked_up_again() {
+    // Cached under its canonical name, then deleted: the sign-out call says
+    // USER_NOT_FOUND, and the next sign-out must not reuse the old sub.
+    let mut found = directory(Duration::ZERO, true);
+    found.canonical = true;
+    let setup = setup(found, Some(UpstreamErrorKind::UserNotFound), false).await;
+
+    for caller in ["a", "b"] {
+        let outcome = setup
+            .flow
+            .sign_out(call(caller, Instant::now() + Duration::from_secs(5)))
+            .await;
+        assert_eq!(outcome.expect_err("gone").reason(), "USER_NOT_FOUND");
+        tokio::time::advance(Duration::from_secs(2)).await;
+    }
+
+    assert_eq!(*setup.directory.calls.lock().expect("not poisoned"), 2);
 }
 
 /// How long the next permit takes from now (virtual time).

@@ -204,6 +204,27 @@ async fn a_cached_sub_expires_after_the_ttl() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_forgotten_user_is_looked_up_again_within_the_ttl() {
+    let fixture = fixture(100.0, 10);
+    let pool = UserPoolId::parse(POOL).expect("pool");
+    fixture.resolve("alice").await.expect("resolves");
+    fixture
+        .resolve("alice@example.com")
+        .await
+        .expect("resolves");
+    // Deleted (a sign-out found nobody) and created again: a new sub.
+    fixture.directory.add("alice", "alice", "sub-alice-2");
+
+    fixture
+        .resolver
+        .forget(&pool, &Username::parse("alice").expect("username"));
+    let after = fixture.resolve("alice").await.expect("resolves");
+
+    assert_eq!(after.as_str(), "sub-alice-2");
+    assert_eq!(fixture.directory.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_lookup_over_budget_is_refused_without_calling_cognito() {
     let fixture = fixture(1.0, 1);
     fixture
