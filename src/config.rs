@@ -398,7 +398,7 @@ mod tests {
         assert_eq!(config.upstream_max_attempts, 3);
         assert!(config.allowed_user_pool_ids.is_empty());
         let lookups = config.user_lookup_budget();
-        assert_eq!((lookups.rate_per_sec, lookups.burst), (10.0, 10));
+        assert_eq!((lookups.rate_per_sec, lookups.burst), (25.0, 25));
         assert_eq!(config.users.cache_size(), 100_000);
         assert_eq!(config.users.user_cache_ttl, Duration::from_secs(3600));
     }
