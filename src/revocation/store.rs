@@ -20,7 +20,22 @@ use crate::{
 
 static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("revoke.lua")));
 static EPOCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("epoch.lua")));
-static LAST_ID: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("last_id.lua")));
+static LAST_ID: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_ID_LUA));
+
+/// The log's last generated id ('0-0' when there is no log), in one script
+/// so the key cannot vanish between the check and XINFO.
+const LAST_ID_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return '0-0'
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then
+    return info[i + 1]
+  end
+end
+return '0-0'
+";
 
 /// Entries read per call while catching up.
 pub(super) const READ_BATCH: usize = 1000;
