@@ -415,24 +415,39 @@ impl Application {
 
         let lifecycle = self.lifecycle;
         // Ready once the revocation log is loaded, so that VerifyToken here
-        // knows every watermark; bounded, so that a Redis outage at start
+        // knows every watermark. A log still arriving is waited for however
+        // long it takes (a partial map would pass revoked tokens); only a
+        // failing Redis makes it ready without, so that an outage at start
         // does not keep a whole rollout unready.
         let ready = {
             let health = health.clone();
-            let mut caught_up = self.revocations.caught_up();
+            let revocations = self.revocations.clone();
+            let mut caught_up = revocations.caught_up();
             AbortOnDropHandle::new(tokio::spawn(async move {
-                let loaded = tokio::time::timeout(
-                    READY_WITHOUT_REVOCATIONS_AFTER,
-                    caught_up.wait_for(|loaded| *loaded),
-                )
-                .await
-                .is_ok_and(|changed| changed.is_ok());
-                if !loaded {
-                    tracing::warn!(
-                        after = ?READY_WITHOUT_REVOCATIONS_AFTER,
-                        "ready without the revocation log loaded: VerifyToken here misses watermarks \
-                         recorded by other replicas until Redis answers"
-                    );
+                loop {
+                    let waited = tokio::time::timeout(
+                        READY_WITHOUT_REVOCATIONS_AFTER,
+                        caught_up.wait_for(|loaded| *loaded),
+                    )
+                    .await;
+                    match waited {
+                        // Loaded; or the follower is gone (never here).
+                        Ok(_) => break,
+                        Err(_) if revocations.loading() => {
+                            tracing::info!(
+                                watermarks = revocations.len(),
+                                "revocation log still loading: not ready yet"
+                            );
+                        }
+                        Err(_) => {
+                            tracing::warn!(
+                                after = ?READY_WITHOUT_REVOCATIONS_AFTER,
+                                "ready without the revocation log loaded: VerifyToken here misses \
+                                 watermarks recorded by other replicas until Redis answers"
+                            );
+                            break;
+                        }
+                    }
                 }
                 set_health(&health, ServingStatus::Serving).await;
             }))
@@ -444,8 +459,10 @@ impl Application {
             let revocations = self.revocations.clone();
             async move {
                 shutdown.await;
-                // Never SERVING again once draining.
-                drop(ready);
+                // Never SERVING again once draining: the task may be inside
+                // its own set_health, so it is awaited, not just aborted.
+                ready.abort();
+                let _ = ready.await;
                 set_health(&health, ServingStatus::NotServing).await;
                 tracing::info!(drain_delay = ?lifecycle.drain_delay, "shutdown requested: health NOT_SERVING, still serving");
                 // Endpoint removal takes a while to reach every load balancer
@@ -552,6 +569,9 @@ impl Application {
         // get what is left of the grace to finish and audit their calls.
         let grace_end = grace_end.borrow().unwrap_or_else(Instant::now);
         self.flow.shutdown(grace_end).await;
+        // Then their watermarks, and those held through an outage, go to
+        // Redis for the other replicas, within the same grace.
+        self.revocations.flush(grace_end).await;
         let _ = metrics_stop.send(());
         if let Some(stop) = health_stop {
             let _ = stop.send(());

@@ -17,6 +17,7 @@ mod watch;
 pub mod watermarks;
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -25,8 +26,14 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use tokio::sync::{Semaphore, watch as state};
-use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+use tokio::{
+    sync::{Semaphore, watch as state},
+    time::Instant,
+};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{AbortOnDropHandle, TaskTracker},
+};
 
 use self::{cursor::Epoch, store::RedisLog, watermarks::Watermarks};
 pub use self::{
@@ -67,6 +74,8 @@ impl RevocationSettings {
 pub struct Revocations {
     shared: Arc<Shared>,
     _tasks: Arc<[AbortOnDropHandle<()>]>,
+    /// Writes to Redis still under way, awaited by [`Revocations::flush`].
+    writes: TaskTracker,
 }
 
 /// What the handlers and the background tasks share.
@@ -78,8 +87,10 @@ struct Shared {
     /// The log's epoch as this replica knows it; `None` until Redis first
     /// answers.
     epoch: ArcSwapOption<Epoch>,
-    /// Watermarks recorded here that Redis has not confirmed.
-    pending: Mutex<Vec<(UserPoolId, String, i64)>>,
+    /// Watermarks recorded here that Redis has not confirmed, the highest
+    /// per user: bounded by the users signed out during an outage, not by
+    /// their sign-outs.
+    pending: Mutex<HashMap<(UserPoolId, String), i64>>,
     /// In memory-only mode, the last position given out.
     last_position: Mutex<Position>,
     /// True while the map holds the whole log.
@@ -109,6 +120,7 @@ impl Revocations {
         Self {
             _tasks: Arc::new([AbortOnDropHandle::new(sweep)]),
             shared,
+            writes: TaskTracker::new(),
         }
     }
 
@@ -131,6 +143,7 @@ impl Revocations {
                 AbortOnDropHandle::new(sweep),
             ]),
             shared,
+            writes: TaskTracker::new(),
         }
     }
 
@@ -174,6 +187,66 @@ impl Revocations {
     /// mode).
     pub fn caught_up(&self) -> state::Receiver<bool> {
         self.shared.caught_up.subscribe()
+    }
+
+    /// True while the log is still arriving: the follower's reads succeed
+    /// but it has not caught up. False once caught up, and while Redis
+    /// fails (nothing is arriving then).
+    pub fn loading(&self) -> bool {
+        self.shared.log.is_some()
+            && self.shared.log_healthy.load(Ordering::Acquire)
+            && !*self.shared.caught_up.borrow()
+    }
+
+    /// Runs [`Recorded::logged`] in a task of its own that
+    /// [`Revocations::flush`] waits for at shutdown.
+    pub fn log_in_background(&self, recorded: Recorded) {
+        self.writes.spawn(recorded.logged());
+    }
+
+    /// At shutdown: waits, until `deadline`, for the writes started by
+    /// [`Revocations::log_in_background`], then tries once to write the
+    /// watermarks Redis has not confirmed. What is still not written is
+    /// lost for the other replicas, and logged as an error.
+    pub async fn flush(&self, deadline: Instant) {
+        self.writes.close();
+        if tokio::time::timeout_at(deadline, self.writes.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                writes = self.writes.len(),
+                "revocation writes to Redis still under way at shutdown"
+            );
+        }
+        let Some(log) = &self.shared.log else {
+            return;
+        };
+        let pending = self.shared.take_pending();
+        if pending.is_empty() {
+            return;
+        }
+        let written = match self.shared.epoch.load_full() {
+            // One try, given at least one `--redis-timeout` even when the
+            // grace is spent: these are lost for the fleet otherwise.
+            Some(epoch) => {
+                let until = deadline.max(Instant::now() + log.redis().timeout());
+                matches!(
+                    tokio::time::timeout_at(until, log.record_many(&epoch, &pending)).await,
+                    Ok(Ok(_))
+                )
+            }
+            None => false,
+        };
+        if written {
+            self.shared.metrics.pending.set(0);
+        } else {
+            tracing::error!(
+                lost = pending.len(),
+                "revocation watermarks not written to Redis before exit: other replicas \
+                 (and those started later) do not revoke these users' tokens"
+            );
+        }
     }
 
     /// Watermarks held in memory now.
@@ -284,14 +357,27 @@ impl Shared {
 
     fn hold(&self, pool: &UserPoolId, sub: &str, revoked_before: i64) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        pending.push((pool.clone(), sub.to_owned(), revoked_before));
+        let held = pending
+            .entry((pool.clone(), sub.to_owned()))
+            .or_insert(revoked_before);
+        *held = (*held).max(revoked_before);
         self.metrics
             .pending
             .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
     }
 
+    /// Takes the held watermarks, less those already expired (they revoke
+    /// nothing any more).
     fn take_pending(&self) -> Vec<(UserPoolId, String, i64)> {
-        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let now = now_secs();
+        let ttl = self.watermarks.ttl_secs();
+        pending
+            .into_iter()
+            .filter(|(_, before)| before.saturating_add(ttl) > now)
+            .map(|((pool, sub), before)| (pool, sub, before))
+            .collect()
     }
 
     fn count_recorded(&self, result: &str) {

@@ -62,6 +62,14 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     panic!("not within 10 s: {what}");
 }
 
+async fn xlen(connection: &mut redis::aio::MultiplexedConnection) -> usize {
+    redis::cmd("XLEN")
+        .arg("{t}:revocations")
+        .query_async(connection)
+        .await
+        .expect("as set up")
+}
+
 async fn caught_up(replica: &Replica) {
     let mut caught_up = replica.revocations.caught_up();
     tokio::time::timeout(Duration::from_secs(10), caught_up.wait_for(|c| *c))
@@ -98,12 +106,23 @@ async fn a_watermark_recorded_on_one_replica_reaches_the_others_and_later_ones()
 
     // A lower watermark (a clock behind) changes nothing and logs nothing.
     let mut connection = redis.connection().await;
-    let length: usize = redis::cmd("XLEN")
-        .arg("{t}:revocations")
+    let log = a.revocations.shared.log.as_ref().expect("with Redis");
+    let epoch = a.revocations.shared.epoch.load_full().expect("known");
+    let lower = log.record(&epoch, &pool(), ALICE, watermark - 60).await;
+    assert_eq!(lower.expect("Redis answers"), store::Logged::Kept);
+    assert_eq!(xlen(&mut connection).await, 1);
+    // Nor does a write for a log this replica does not know (lost since).
+    let other = log
+        .record(&cursor::Epoch::random(), &pool(), "other-user", watermark)
+        .await;
+    assert_eq!(other.expect("Redis answers"), store::Logged::OtherEpoch);
+    assert_eq!(xlen(&mut connection).await, 1);
+    let key: Option<String> = redis::cmd("GET")
+        .arg("{t}:revoked:eu-west-1_abc:other-user")
         .query_async(&mut connection)
         .await
         .expect("as set up");
-    assert_eq!(length, 1);
+    assert_eq!(key, None, "no watermark written either");
 
     // An entry already expired in the log is not loaded.
     let _: String = redis::cmd("XADD")
@@ -151,6 +170,11 @@ async fn a_write_redis_does_not_take_is_held_here_and_written_when_it_can() {
         "held here at once"
     );
     assert_eq!(a.metrics.recorded.with_label_values(&["pending"]).get(), 1);
+    // Signing the same user out again holds one watermark, not two.
+    let again = a.revocations.record(&pool(), ALICE).logged().await;
+    assert_eq!(a.metrics.recorded.with_label_values(&["pending"]).get(), 2);
+    assert_eq!(a.metrics.pending.get(), 1, "one per user");
+    let watermark = watermark.max(again);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !b.revocations.is_revoked(&pool(), ALICE, watermark),
@@ -207,4 +231,88 @@ async fn a_log_lost_with_a_restart_is_detected_logged_and_written_back() {
         .expect("as set up");
     assert_eq!(replayed.revocation.sub, ALICE);
     assert_ne!(replayed.cursor.epoch, first.cursor.epoch);
+}
+
+#[tokio::test]
+async fn flush_waits_for_the_writes_under_way() {
+    let redis = TestRedis::start();
+    let a = replica(&redis, Duration::from_secs(1));
+    caught_up(&a).await;
+    let recorded = a.revocations.record(&pool(), ALICE);
+    a.revocations.log_in_background(recorded);
+    a.revocations
+        .flush(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    let mut connection = redis.connection().await;
+    assert_eq!(xlen(&mut connection).await, 1, "in the log once flushed");
+    assert_eq!(a.metrics.recorded.with_label_values(&["logged"]).get(), 1);
+}
+
+#[tokio::test]
+async fn a_log_gone_back_to_an_older_state_is_detected_and_written_back() {
+    let redis = TestRedis::start();
+    let a = replica(&redis, Duration::from_secs(1));
+    caught_up(&a).await;
+    let users = ["user-1", "user-2", "user-3"];
+    let mut watermarks = Vec::new();
+    for user in users {
+        watermarks.push(a.revocations.record(&pool(), user).logged().await);
+    }
+    eventually("A has read its own entries", || {
+        a.revocations
+            .shared
+            .watermarks
+            .logged_since(None, None)
+            .len()
+            == 3
+    })
+    .await;
+
+    // As if restored from a snapshot older than those three: same epoch,
+    // a log that ends below what A has read.
+    let mut connection = redis.connection().await;
+    let mut delete = redis::cmd("DEL");
+    delete.arg("{t}:revocations");
+    for user in users {
+        delete.arg(format!("{{t}}:revoked:eu-west-1_abc:{user}"));
+    }
+    let _: usize = delete
+        .query_async(&mut connection)
+        .await
+        .expect("as set up");
+    let _: String = redis::cmd("XADD")
+        .arg("{t}:revocations")
+        .arg("1-0")
+        .arg("pool")
+        .arg(pool().as_str())
+        .arg("sub")
+        .arg("long-expired")
+        .arg("before")
+        .arg(1_000)
+        .query_async(&mut connection)
+        .await
+        .expect("as set up");
+    assert_eq!(a.metrics.resets.get(), 0, "not noticed before reconnecting");
+    // A reconnects (as after a failover).
+    let _: usize = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut connection)
+        .await
+        .expect("as set up");
+
+    eventually("the loss is counted", || a.metrics.resets.get() == 1).await;
+    let b = replica(&redis, Duration::from_secs(1));
+    caught_up(&b).await;
+    eventually("B has the three back, from A", || {
+        users
+            .iter()
+            .zip(&watermarks)
+            .all(|(user, watermark)| b.revocations.is_revoked(&pool(), user, *watermark))
+    })
+    .await;
+    assert_eq!(a.metrics.resets.get(), 1, "counted once");
 }

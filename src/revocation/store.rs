@@ -20,13 +20,36 @@ use crate::{
 
 static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("revoke.lua")));
 static EPOCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("epoch.lua")));
+static LAST_ID: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_ID_LUA));
+
+/// The log's last generated id ('0-0' when there is no log), in one script
+/// so the key cannot vanish between the check and XINFO.
+const LAST_ID_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return '0-0'
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then
+    return info[i + 1]
+  end
+end
+return '0-0'
+";
 
 /// Entries read per call while catching up.
 pub(super) const READ_BATCH: usize = 1000;
 
+/// Watermarks per write-back pipeline: short, so that the budget's calls
+/// on the same shared connection wait little behind one.
+const WRITE_BATCH: usize = 100;
+
+/// How long the replica that rewrites a lost log holds the right to.
+const REWRITE_LOCK_SECS: u64 = 300;
+
 /// The scripts a connection should have loaded.
 pub fn scripts() -> Vec<Script> {
-    vec![REVOKE.clone(), EPOCH.clone()]
+    vec![REVOKE.clone(), EPOCH.clone(), LAST_ID.clone()]
 }
 
 /// What recording one watermark did.
@@ -86,6 +109,37 @@ impl RedisLog {
             .await?;
         // Anything else in that key is not ours: treat it as a lost log.
         Ok(Epoch::parse(&epoch).unwrap_or(candidate))
+    }
+
+    /// The last id the log generated (`0-0` when there is no log). Lower
+    /// than an id read before means Redis lost entries with the epoch kept
+    /// (an older snapshot, a failover to a lagging replica).
+    pub(super) async fn last_generated(&self) -> Result<Position, RedisCallError> {
+        let invocation = LAST_ID.key(self.log_key());
+        let id: String = self
+            .redis
+            .run_script("revocation_last_id", &invocation)
+            .await?;
+        id.parse().map_err(|_| bad_reply("stream id"))
+    }
+
+    /// True for the one replica that is to rewrite the log lost as
+    /// `loss` (the new epoch, or the epoch and the id it fell back to);
+    /// the others write only their own pending watermarks.
+    pub(super) async fn take_rewrite(&self, loss: &str) -> Result<bool, RedisCallError> {
+        let mut command = Cmd::new();
+        command
+            .arg("SET")
+            .arg(format!("{{{}}}:revocations:rewrite:{loss}", self.prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(REWRITE_LOCK_SECS);
+        let taken: Option<String> = self
+            .redis
+            .query("revocation_rewrite_lock", &command)
+            .await?;
+        Ok(taken.is_some())
     }
 
     /// Raises one watermark in the log known as `epoch`.
@@ -191,7 +245,10 @@ impl RedisLog {
             .arg(include_str!("revoke.lua"));
         let _: String = self.redis.query("revocation_load", &load).await?;
         let mut added = 0;
-        for chunk in entries.chunks(500) {
+        // Each pipeline bounded on its own: a slow one fails the write-back
+        // (retried later), never holds it for long.
+        let per_chunk = self.redis.timeout().max(Duration::from_secs(2));
+        for chunk in entries.chunks(WRITE_BATCH) {
             let mut pipe = ::redis::pipe();
             for (pool, sub, revoked_before) in chunk {
                 pipe.cmd("EVALSHA")
@@ -208,7 +265,7 @@ impl RedisLog {
             }
             let replies: Vec<(String, Value)> = self
                 .redis
-                .pipeline("revocation_rewrite", &pipe, Duration::from_secs(5))
+                .pipeline("revocation_rewrite", &pipe, per_chunk)
                 .await?;
             for (outcome, _) in replies {
                 match outcome.as_str() {

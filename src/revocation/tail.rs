@@ -3,10 +3,15 @@
 //! so a sign-out on another replica arrives within a round trip).
 //!
 //! Each pass also checks the log's epoch. A new epoch means the log was
-//! lost (Redis restarted without persistence, or evicted the keys): that is
-//! logged as an error and counted, and this replica writes every watermark
-//! it holds back into the new log, so the fleet loses nothing any replica
-//! still has. Watermarks Redis failed to take are retried here too.
+//! lost (Redis restarted without persistence, or evicted the keys); so does
+//! a log, found at reconnection, whose last id is below what was read
+//! (restored from an older snapshot, or a failover to a lagging replica).
+//! Either is logged as an error and counted, and one replica (the first to
+//! claim it) writes every watermark it holds back into the log, so the
+//! fleet loses what no replica had rather than N copies of the map being
+//! written. Watermarks Redis failed to take are retried here too; a failed
+//! write is retried on the next pass, without dropping the reading
+//! connection.
 
 use std::{
     sync::{Arc, Weak, atomic::Ordering},
@@ -32,9 +37,22 @@ struct Progress {
     cursor: Position,
     /// The epoch the map's positions belong to.
     epoch: Option<Epoch>,
-    /// The map must be written into the log (it was lost).
-    rewrite: bool,
+    /// Whether the map must be written into the log (it was lost).
+    rewrite: Rewrite,
+    /// A write-back failed and was warned about: the next failures are
+    /// debug lines until one succeeds.
+    write_failing: bool,
     caught_up: bool,
+}
+
+#[derive(Debug, Default)]
+enum Rewrite {
+    #[default]
+    No,
+    /// Lost as named here: to claim, so that one replica rewrites.
+    Claim(String),
+    /// Claimed by this replica, not yet written in full.
+    Mine,
 }
 
 /// Runs until the service is dropped.
@@ -76,13 +94,19 @@ impl Shared {
             Ok(connection) => connection,
             Err(error) => return error,
         };
+        let mut reconnected = true;
         loop {
             if let Err(error) = self.check_epoch(log, progress).await {
                 return error;
             }
-            if let Err(error) = self.write_back(log, progress).await {
-                return error;
+            // The log may have gone back while this replica was away.
+            if reconnected {
+                if let Err(error) = self.check_last_id(log, progress).await {
+                    return error;
+                }
+                reconnected = false;
             }
+            self.write_back(log, progress).await;
             let block = progress.caught_up.then_some(BLOCK);
             let (entries, last) = match log.read_after(&connection, progress.cursor, block).await {
                 Ok(read) => read,
@@ -122,12 +146,9 @@ impl Shared {
                     new = epoch.as_str(),
                     held_here = self.watermarks.len(),
                     "revocation log: Redis lost the revocation watermarks (restarted without \
-                     persistence, or keys evicted); writing back those this replica holds"
+                     persistence, or keys evicted); writing them back from the replicas"
                 );
-                self.metrics.resets.inc();
-                self.watermarks.reset_positions();
-                progress.cursor = Position::default();
-                progress.rewrite = true;
+                self.lost(progress, epoch.as_str().to_owned());
             }
             None => {}
         }
@@ -136,17 +157,72 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes back what the log lacks: everything after a loss, and the
-    /// watermarks Redis did not confirm.
-    async fn write_back(
+    /// At reconnection: a log whose last id is below the cursor lost its
+    /// latest entries, though its epoch survived.
+    async fn check_last_id(
         &self,
         log: &RedisLog,
         progress: &mut Progress,
     ) -> Result<(), RedisCallError> {
-        let Some(epoch) = progress.epoch.clone() else {
+        let last = log.last_generated().await?;
+        if last >= progress.cursor {
             return Ok(());
+        }
+        tracing::error!(
+            read_up_to = %progress.cursor,
+            log_ends_at = %last,
+            held_here = self.watermarks.len(),
+            "revocation log: Redis lost the latest revocation watermarks (restored from an \
+             older snapshot, or failed over to a lagging replica); writing them back from \
+             the replicas"
+        );
+        let epoch = progress.epoch.as_ref().map_or("", |epoch| epoch.as_str());
+        // Replicas that reconnect to the same loss claim the same name.
+        self.lost(progress, format!("{epoch}:{last}"));
+        Ok(())
+    }
+
+    /// The log lost entries: counted, watchers told to start over, read
+    /// again from its start, and the map to be written back.
+    fn lost(&self, progress: &mut Progress, loss: String) {
+        self.metrics.resets.inc();
+        self.watermarks.reset_positions();
+        progress.cursor = Position::default();
+        progress.rewrite = Rewrite::Claim(loss);
+    }
+
+    /// Writes back what the log lacks: everything after a loss (by the
+    /// replica that claims it), and the watermarks Redis did not confirm.
+    /// A failure is logged and left for the next pass: the reads go on.
+    async fn write_back(&self, log: &RedisLog, progress: &mut Progress) {
+        let Some(epoch) = progress.epoch.clone() else {
+            return;
         };
-        if progress.rewrite {
+        match self.write_back_once(log, &epoch, progress).await {
+            Ok(()) => progress.write_failing = false,
+            Err(error) if !progress.write_failing => {
+                tracing::warn!(%error, "revocation log: writing back failed; retried on the next pass");
+                progress.write_failing = true;
+            }
+            Err(error) => tracing::debug!(%error, "revocation log: writing back still fails"),
+        }
+    }
+
+    async fn write_back_once(
+        &self,
+        log: &RedisLog,
+        epoch: &Epoch,
+        progress: &mut Progress,
+    ) -> Result<(), RedisCallError> {
+        if let Rewrite::Claim(loss) = &progress.rewrite {
+            progress.rewrite = if log.take_rewrite(loss).await? {
+                Rewrite::Mine
+            } else {
+                tracing::info!("revocation log: another replica writes the lost log back");
+                Rewrite::No
+            };
+        }
+        if matches!(progress.rewrite, Rewrite::Mine) {
             let now = now_secs();
             let ttl = self.watermarks.ttl_secs();
             let live: Vec<_> = self
@@ -156,20 +232,20 @@ impl Shared {
                 .filter(|(_, _, before)| before.saturating_add(ttl) > now)
                 .collect();
             let started = Instant::now();
-            let added = log.record_many(&epoch, &live).await?;
+            let added = log.record_many(epoch, &live).await?;
             tracing::warn!(
                 held = live.len(),
                 added,
                 took = ?started.elapsed(),
                 "revocation log: watermarks written back"
             );
-            progress.rewrite = false;
+            progress.rewrite = Rewrite::No;
         }
         let pending = self.take_pending();
         if pending.is_empty() {
             return Ok(());
         }
-        match log.record_many(&epoch, &pending).await {
+        match log.record_many(epoch, &pending).await {
             Ok(added) => {
                 self.metrics.pending.set(0);
                 tracing::info!(
