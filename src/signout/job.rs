@@ -305,7 +305,7 @@ impl SignOutFlow {
             return;
         };
         let recorded = revoker.revocations.record(&job.key.0, sub.as_str());
-        tokio::spawn(recorded.logged());
+        revoker.revocations.log_in_background(recorded);
     }
 
     /// Waits for the job's first permit and takes it out of the queue, so
