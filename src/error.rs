@@ -429,6 +429,15 @@ fn status_parts(error: &SignOutError) -> (StatusRow, ErrorDetails, HashMap<Strin
             ),
             ErrorDetails::with_retry_info(Some(Duration::ZERO)),
         ),
+        SignOutError::WatchEnded(WatchEnd::Interrupted) => (
+            row(
+                Code::Unavailable,
+                "WATCH_INTERRUPTED",
+                "the watch was interrupted: reconnect with the last cursor",
+                true,
+            ),
+            ErrorDetails::with_retry_info(Some(Duration::ZERO)),
+        ),
         SignOutError::WatchEnded(WatchEnd::LogReset) => (
             row(
                 Code::Unavailable,

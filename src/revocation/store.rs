@@ -44,9 +44,6 @@ pub(super) const READ_BATCH: usize = 1000;
 /// on the same shared connection wait little behind one.
 const WRITE_BATCH: usize = 100;
 
-/// How long the replica that rewrites a lost log holds the right to.
-const REWRITE_LOCK_SECS: u64 = 300;
-
 /// The scripts a connection should have loaded.
 pub fn scripts() -> Vec<Script> {
     vec![REVOKE.clone(), EPOCH.clone(), LAST_ID.clone()]
@@ -121,25 +118,6 @@ impl RedisLog {
             .run_script("revocation_last_id", &invocation)
             .await?;
         id.parse().map_err(|_| bad_reply("stream id"))
-    }
-
-    /// True for the one replica that is to rewrite the log lost as
-    /// `loss` (the new epoch, or the epoch and the id it fell back to);
-    /// the others write only their own pending watermarks.
-    pub(super) async fn take_rewrite(&self, loss: &str) -> Result<bool, RedisCallError> {
-        let mut command = Cmd::new();
-        command
-            .arg("SET")
-            .arg(format!("{{{}}}:revocations:rewrite:{loss}", self.prefix))
-            .arg(1)
-            .arg("NX")
-            .arg("EX")
-            .arg(REWRITE_LOCK_SECS);
-        let taken: Option<String> = self
-            .redis
-            .query("revocation_rewrite_lock", &command)
-            .await?;
-        Ok(taken.is_some())
     }
 
     /// Raises one watermark in the log known as `epoch`.

@@ -4,14 +4,12 @@
 //!
 //! Each pass also checks the log's epoch. A new epoch means the log was
 //! lost (Redis restarted without persistence, or evicted the keys); so does
-//! a log, found at reconnection, whose last id is below what was read
-//! (restored from an older snapshot, or a failover to a lagging replica).
-//! Either is logged as an error and counted, and one replica (the first to
-//! claim it) writes every watermark it holds back into the log, so the
-//! fleet loses what no replica had rather than N copies of the map being
-//! written. Watermarks Redis failed to take are retried here too; a failed
-//! write is retried on the next pass, without dropping the reading
-//! connection.
+//! a log whose last id is below what was read (restored from an older
+//! snapshot, or a failover to a lagging replica). Either is logged as an
+//! error and counted, and every replica writes each watermark it holds back
+//! into the log, so the fleet loses only what no running replica had.
+//! Watermarks Redis failed to take are retried here too; a failed write is
+//! retried on the next pass, without dropping the reading connection.
 
 use std::{
     sync::{Arc, Weak, atomic::Ordering},
@@ -49,9 +47,7 @@ struct Progress {
 enum Rewrite {
     #[default]
     No,
-    /// Lost as named here: to claim, so that one replica rewrites.
-    Claim(String),
-    /// Claimed by this replica, not yet written in full.
+    /// Lost: this replica's whole map is to be written back.
     Mine,
 }
 
@@ -94,17 +90,14 @@ impl Shared {
             Ok(connection) => connection,
             Err(error) => return error,
         };
-        let mut reconnected = true;
         loop {
             if let Err(error) = self.check_epoch(log, progress).await {
                 return error;
             }
-            // The log may have gone back while this replica was away.
-            if reconnected {
-                if let Err(error) = self.check_last_id(log, progress).await {
-                    return error;
-                }
-                reconnected = false;
+            // Every pass, not only at reconnection: one write to a log that
+            // went back would soon lift its last id above every cursor.
+            if let Err(error) = self.check_last_id(log, progress).await {
+                return error;
             }
             self.write_back(log, progress).await;
             let block = progress.caught_up.then_some(BLOCK);
@@ -138,7 +131,7 @@ impl Shared {
         progress: &mut Progress,
     ) -> Result<(), RedisCallError> {
         let epoch = log.epoch().await?;
-        match &progress.epoch {
+        let lost = match &progress.epoch {
             Some(known) if *known == epoch => return Ok(()),
             Some(known) => {
                 tracing::error!(
@@ -148,17 +141,22 @@ impl Shared {
                     "revocation log: Redis lost the revocation watermarks (restarted without \
                      persistence, or keys evicted); writing them back from the replicas"
                 );
-                self.lost(progress, epoch.as_str().to_owned());
+                true
             }
-            None => {}
-        }
+            None => false,
+        };
+        // The new epoch first: a watcher that starts after the reset must
+        // not pair the old epoch with positions of the new log.
         self.epoch.store(Some(Arc::new(epoch.clone())));
-        progress.epoch = Some(epoch);
+        progress.epoch = Some(epoch.clone());
+        if lost {
+            self.lost(progress);
+        }
         Ok(())
     }
 
-    /// At reconnection: a log whose last id is below the cursor lost its
-    /// latest entries, though its epoch survived.
+    /// A log whose last id is below the cursor lost its latest entries,
+    /// though its epoch survived.
     async fn check_last_id(
         &self,
         log: &RedisLog,
@@ -176,23 +174,25 @@ impl Shared {
              older snapshot, or failed over to a lagging replica); writing them back from \
              the replicas"
         );
-        let epoch = progress.epoch.as_ref().map_or("", |epoch| epoch.as_str());
-        // Replicas that reconnect to the same loss claim the same name.
-        self.lost(progress, format!("{epoch}:{last}"));
+        self.lost(progress);
         Ok(())
     }
 
     /// The log lost entries: counted, watchers told to start over, read
     /// again from its start, and the map to be written back.
-    fn lost(&self, progress: &mut Progress, loss: String) {
+    fn lost(&self, progress: &mut Progress) {
         self.metrics.resets.inc();
         self.watermarks.reset_positions();
         progress.cursor = Position::default();
-        progress.rewrite = Rewrite::Claim(loss);
+        // Every replica writes back what it holds. Letting one claim it
+        // lost what the others held when the claimer was still loading or
+        // stopped half-way; a value already there comes back `kept` and
+        // logs nothing, so the cost is Redis's, once per loss.
+        progress.rewrite = Rewrite::Mine;
     }
 
-    /// Writes back what the log lacks: everything after a loss (by the
-    /// replica that claims it), and the watermarks Redis did not confirm.
+    /// Writes back what the log lacks: everything after a loss, and the
+    /// watermarks Redis did not confirm.
     /// A failure is logged and left for the next pass: the reads go on.
     async fn write_back(&self, log: &RedisLog, progress: &mut Progress) {
         let Some(epoch) = progress.epoch.clone() else {
@@ -214,14 +214,6 @@ impl Shared {
         epoch: &Epoch,
         progress: &mut Progress,
     ) -> Result<(), RedisCallError> {
-        if let Rewrite::Claim(loss) = &progress.rewrite {
-            progress.rewrite = if log.take_rewrite(loss).await? {
-                Rewrite::Mine
-            } else {
-                tracing::info!("revocation log: another replica writes the lost log back");
-                Rewrite::No
-            };
-        }
         if matches!(progress.rewrite, Rewrite::Mine) {
             let now = now_secs();
             let ttl = self.watermarks.ttl_secs();

@@ -196,3 +196,50 @@ async fn a_watcher_opened_while_sign_outs_are_recorded_misses_none() {
     }
     recorder.await.expect("the recorder");
 }
+
+#[tokio::test(start_paused = true)]
+async fn clients_that_read_nothing_of_their_snapshot_hold_it_ten_seconds_at_most() {
+    let revocations = memory(4);
+    let eu = pool("eu-west-1_abc");
+    // More than a client's buffer: a client that reads nothing stalls its
+    // snapshot, holding one of the two snapshot permits.
+    for user in 0..400 {
+        revocations
+            .record(&eu, &format!("user-{user}"))
+            .logged()
+            .await;
+    }
+    let stalled = [
+        revocations
+            .watch(vec![eu.clone()], None)
+            .expect("a watcher"),
+        revocations
+            .watch(vec![eu.clone()], None)
+            .expect("a watcher"),
+    ];
+    tokio::task::yield_now().await;
+    let started = tokio::time::Instant::now();
+    let mut third = revocations.watch(vec![eu], None).expect("a watcher");
+
+    let first = tokio::time::timeout(Duration::from_secs(60), third.next())
+        .await
+        .expect("a permit within 60 s of virtual time")
+        .expect("the stream goes on")
+        .expect("a revocation");
+
+    assert_eq!(first.revocation.sub, "user-0");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(12),
+        "the stalled snapshots let go after 10 s: {waited:?}"
+    );
+    // The stalled ones end after what was queued for them.
+    for mut stream in stalled {
+        let mut received = 0;
+        while let Some(item) = stream.next().await {
+            item.expect("a revocation");
+            received += 1;
+        }
+        assert!(received < 400, "cut off: {received}");
+    }
+}

@@ -19,6 +19,11 @@ use crate::domain::UserPoolId;
 /// Messages queued for one client before its task waits.
 const CLIENT_BUFFER: usize = 256;
 
+/// How long one snapshot message may wait for a client that does not
+/// read: the snapshot's permit is held meanwhile, and two stalled clients
+/// would otherwise hold every permit for good.
+const SNAPSHOT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One message of a watch stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watched {
@@ -39,6 +44,10 @@ pub enum WatchEnd {
     /// The server is draining: reconnect (to another replica).
     #[error("the server is shutting down; reconnect with the last cursor")]
     ShuttingDown,
+    /// Ended for another reason (a client that stopped reading its
+    /// snapshot, a reason the client could not be sent): reconnect.
+    #[error("the watch was interrupted; reconnect with the last cursor")]
+    Interrupted,
 }
 
 /// Why a watch was refused.
@@ -160,7 +169,9 @@ impl Watcher {
         let snapshot = self.shared.watermarks.snapshot(Some(&self.pools), *after);
         let end = snapshot.end;
         for revocation in snapshot {
-            self.send(revocation, epoch).await?;
+            tokio::time::timeout(SNAPSHOT_SEND_TIMEOUT, self.send(revocation, epoch))
+                .await
+                .map_err(|_| Gone)??;
         }
         *after = Some(end);
         Ok(())

@@ -48,10 +48,10 @@ impl SessionApi {
         let names: Vec<&str> = pools.iter().map(|pool| pool.as_str()).collect();
         note.target(&names.join(","), String::new(), None);
         let stream = self.revocations.watch(pools, command.cursor)?;
-        // A watch never ends by itself: if it ends without saying why (the
-        // server stopping, a final message the client did not read in time),
-        // it ends UNAVAILABLE / SHUTTING_DOWN, never OK, so that the client
-        // reconnects.
+        // A watch never ends by itself: if it ends without saying why (a
+        // client too slow to read its snapshot, a reason it could not be
+        // sent), it ends UNAVAILABLE / WATCH_INTERRUPTED, never OK, so that
+        // the client reconnects.
         let mut ended = false;
         Ok(Box::pin(
             stream
@@ -64,9 +64,7 @@ impl SessionApi {
                         Some(Err(Status::from(SignOutError::from(end))))
                     }
                     None if ended => None,
-                    None => Some(Err(Status::from(SignOutError::from(
-                        WatchEnd::ShuttingDown,
-                    )))),
+                    None => Some(Err(Status::from(SignOutError::from(WatchEnd::Interrupted)))),
                 }),
         ))
     }
