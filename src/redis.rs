@@ -374,12 +374,7 @@ impl Redis {
         op: &'static str,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, RedisCallError> {
-        let Some(manager) = self.inner.manager.load_full() else {
-            let error = RedisCallError::NotConnected;
-            self.count(&error);
-            return Err(error);
-        };
-        self.bounded(op, ConnectionManager::clone(&manager), invocation)
+        self.bounded(op, self.shared_connection()?, invocation)
             .await
     }
 
@@ -417,12 +412,7 @@ impl Redis {
         op: &'static str,
         command: &::redis::Cmd,
     ) -> Result<T, RedisCallError> {
-        let Some(manager) = self.inner.manager.load_full() else {
-            let error = RedisCallError::NotConnected;
-            self.count(&error);
-            return Err(error);
-        };
-        let mut connection = ConnectionManager::clone(&manager);
+        let mut connection = self.shared_connection()?;
         self.measured(op, self.inner.timeout, command.query_async(&mut connection))
             .await
     }
@@ -434,12 +424,7 @@ impl Redis {
         pipeline: &::redis::Pipeline,
         timeout: Duration,
     ) -> Result<T, RedisCallError> {
-        let Some(manager) = self.inner.manager.load_full() else {
-            let error = RedisCallError::NotConnected;
-            self.count(&error);
-            return Err(error);
-        };
-        let mut connection = ConnectionManager::clone(&manager);
+        let mut connection = self.shared_connection()?;
         self.measured(op, timeout, pipeline.query_async(&mut connection))
             .await
     }
@@ -482,6 +467,19 @@ impl Redis {
             Ok(answer) => answer.map_err(RedisCallError::from_redis),
         }
         .inspect_err(|error| self.count(error))
+    }
+
+    /// The connection every call uses; NotConnected (counted) before the
+    /// first one is made.
+    fn shared_connection(&self) -> Result<ConnectionManager, RedisCallError> {
+        match self.inner.manager.load_full() {
+            Some(manager) => Ok(ConnectionManager::clone(&manager)),
+            None => {
+                let error = RedisCallError::NotConnected;
+                self.count(&error);
+                Err(error)
+            }
+        }
     }
 
     /// `session_redis_errors_total{kind}`.

@@ -101,7 +101,8 @@ struct Shared {
     log_healthy: AtomicBool,
     metrics: RevocationMetrics,
     watchers: Arc<Semaphore>,
-    /// Bounds the snapshots built at once: each copies the map.
+    /// Bounds the snapshots in memory at once (each copies part of the
+    /// map): held while one is built and sent.
     snapshots: Semaphore,
     /// Cancelled when the server drains: watch streams end.
     closing: CancellationToken,
@@ -372,10 +373,9 @@ impl Shared {
         let pending =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
         let now = now_secs();
-        let ttl = self.watermarks.ttl_secs();
         pending
             .into_iter()
-            .filter(|(_, before)| before.saturating_add(ttl) > now)
+            .filter(|(_, before)| self.watermarks.expires_at(*before) > now)
             .map(|((pool, sub), before)| (pool, sub, before))
             .collect()
     }

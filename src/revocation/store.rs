@@ -95,6 +95,31 @@ impl RedisLog {
         format!("{{{}}}:revoked:{}:{sub}", self.prefix, pool.as_str())
     }
 
+    /// `revoke.lua`'s KEYS and ARGV, in its order: one place for the
+    /// single call and the pipelined write-back.
+    fn revoke_call(
+        &self,
+        epoch: &Epoch,
+        pool: &UserPoolId,
+        sub: &str,
+        revoked_before: i64,
+    ) -> ([String; 3], [String; 5]) {
+        (
+            [
+                self.watermark_key(pool, sub),
+                self.log_key(),
+                self.epoch_key(),
+            ],
+            [
+                epoch.as_str().to_owned(),
+                pool.as_str().to_owned(),
+                sub.to_owned(),
+                revoked_before.to_string(),
+                self.keep_secs.to_string(),
+            ],
+        )
+    }
+
     /// The log's epoch, made now if Redis has none (a new log, or one lost).
     pub(super) async fn epoch(&self) -> Result<Epoch, RedisCallError> {
         let candidate = Epoch::random();
@@ -128,15 +153,14 @@ impl RedisLog {
         sub: &str,
         revoked_before: i64,
     ) -> Result<Logged, RedisCallError> {
-        let mut invocation = REVOKE.key(self.watermark_key(pool, sub));
-        invocation
-            .key(self.log_key())
-            .key(self.epoch_key())
-            .arg(epoch.as_str())
-            .arg(pool.as_str())
-            .arg(sub)
-            .arg(revoked_before)
-            .arg(self.keep_secs);
+        let (keys, args) = self.revoke_call(epoch, pool, sub, revoked_before);
+        let mut invocation = REVOKE.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
         let (outcome, value): (String, String) = self
             .redis
             .run_script("revocation_record", &invocation)
@@ -229,17 +253,12 @@ impl RedisLog {
         for chunk in entries.chunks(WRITE_BATCH) {
             let mut pipe = ::redis::pipe();
             for (pool, sub, revoked_before) in chunk {
+                let (keys, args) = self.revoke_call(epoch, pool, sub, *revoked_before);
                 pipe.cmd("EVALSHA")
                     .arg(REVOKE.get_hash())
-                    .arg(3)
-                    .arg(self.watermark_key(pool, sub))
-                    .arg(self.log_key())
-                    .arg(self.epoch_key())
-                    .arg(epoch.as_str())
-                    .arg(pool.as_str())
-                    .arg(sub)
-                    .arg(*revoked_before)
-                    .arg(self.keep_secs);
+                    .arg(keys.len())
+                    .arg(&keys)
+                    .arg(&args);
             }
             let replies: Vec<(String, Value)> = self
                 .redis

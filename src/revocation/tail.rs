@@ -35,20 +35,12 @@ struct Progress {
     cursor: Position,
     /// The epoch the map's positions belong to.
     epoch: Option<Epoch>,
-    /// Whether the map must be written into the log (it was lost).
-    rewrite: Rewrite,
+    /// The log was lost: this replica's whole map is to be written back.
+    rewrite: bool,
     /// A write-back failed and was warned about: the next failures are
     /// debug lines until one succeeds.
     write_failing: bool,
     caught_up: bool,
-}
-
-#[derive(Debug, Default)]
-enum Rewrite {
-    #[default]
-    No,
-    /// Lost: this replica's whole map is to be written back.
-    Mine,
 }
 
 /// Runs until the service is dropped.
@@ -188,7 +180,7 @@ impl Shared {
         // lost what the others held when the claimer was still loading or
         // stopped half-way; a value already there comes back `kept` and
         // logs nothing, so the cost is Redis's, once per loss.
-        progress.rewrite = Rewrite::Mine;
+        progress.rewrite = true;
     }
 
     /// Writes back what the log lacks: everything after a loss, and the
@@ -214,14 +206,13 @@ impl Shared {
         epoch: &Epoch,
         progress: &mut Progress,
     ) -> Result<(), RedisCallError> {
-        if matches!(progress.rewrite, Rewrite::Mine) {
+        if progress.rewrite {
             let now = now_secs();
-            let ttl = self.watermarks.ttl_secs();
             let live: Vec<_> = self
                 .watermarks
                 .all()
                 .into_iter()
-                .filter(|(_, _, before)| before.saturating_add(ttl) > now)
+                .filter(|(_, _, before)| self.watermarks.expires_at(*before) > now)
                 .collect();
             let started = Instant::now();
             let added = log.record_many(epoch, &live).await?;
@@ -231,7 +222,7 @@ impl Shared {
                 took = ?started.elapsed(),
                 "revocation log: watermarks written back"
             );
-            progress.rewrite = Rewrite::No;
+            progress.rewrite = false;
         }
         let pending = self.take_pending();
         if pending.is_empty() {
@@ -259,10 +250,9 @@ impl Shared {
     fn apply(&self, entries: Vec<Revocation>, live_tail: bool) {
         let now = now_secs();
         let now_ms = now_millis();
-        let ttl = self.watermarks.ttl_secs();
         for entry in entries {
             // Trimming is approximate, and a quiet log is not trimmed.
-            if entry.revoked_before.saturating_add(ttl) <= now {
+            if self.watermarks.expires_at(entry.revoked_before) <= now {
                 continue;
             }
             if live_tail {

@@ -179,9 +179,7 @@ impl Watcher {
 
     async fn send(&self, revocation: Revocation, epoch: &Epoch) -> Result<(), Gone> {
         let watched = Watched {
-            expires_at: revocation
-                .revoked_before
-                .saturating_add(self.shared.watermarks.ttl_secs()),
+            expires_at: self.shared.watermarks.expires_at(revocation.revoked_before),
             cursor: Cursor {
                 epoch: epoch.clone(),
                 position: revocation.position,

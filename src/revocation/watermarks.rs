@@ -383,7 +383,7 @@ impl Watermarks {
     /// Forgets watermarks whose every token has expired by `now` (seconds).
     /// Returns how many went.
     pub fn sweep(&self, now: i64) -> usize {
-        let live = |entry: &Entry| entry.revoked_before().saturating_add(self.ttl_secs) > now;
+        let live = |entry: &Entry| self.expires_at(entry.revoked_before()) > now;
         let mut removed = 0;
         for shard in &*self.shards {
             let mut shard = write(shard);
@@ -409,9 +409,10 @@ impl Watermarks {
         self.len() == 0
     }
 
-    /// Seconds a watermark stays after its `revoked_before`.
-    pub fn ttl_secs(&self) -> i64 {
-        self.ttl_secs
+    /// When a watermark taken at `revoked_before` is forgotten (seconds):
+    /// every token it revokes has expired by then.
+    pub fn expires_at(&self, revoked_before: i64) -> i64 {
+        revoked_before.saturating_add(self.ttl_secs)
     }
 
     fn shard(&self, sub: &SubKey) -> &RwLock<Shard> {
