@@ -5,7 +5,10 @@ use std::{process::Stdio, time::Duration};
 
 use aws_sdk_cognitoidentityprovider::{
     Client,
-    types::{AuthFlowType, ExplicitAuthFlowsType, MessageActionType},
+    types::{
+        AttributeType, AuthFlowType, ExplicitAuthFlowsType, MessageActionType,
+        UsernameAttributeType,
+    },
 };
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -73,67 +76,117 @@ pub(crate) struct SignedInUser {
 }
 
 pub(crate) async fn seed_signed_in_user(cognito: &Client) -> SignedInUser {
-    let pool = cognito
-        .create_user_pool()
-        .pool_name("e2e")
-        .send()
-        .await
-        .expect("pool");
+    let (pool_id, client_id) = create_pool(cognito, "e2e", false).await;
+    let username = "demo.user@example.com".to_owned();
+    create_user(cognito, &pool_id, &username, None).await;
+    let tokens = sign_in(cognito, &pool_id, &client_id, &username).await;
+    SignedInUser {
+        pool_id,
+        client_id,
+        username,
+        access_token: tokens.access,
+        id_token: tokens.id,
+        refresh_token: tokens.refresh,
+    }
+}
+
+/// A pool (email usernames when `by_email`) and an app client that signs
+/// in with passwords: (pool id, client id).
+pub(crate) async fn create_pool(cognito: &Client, name: &str, by_email: bool) -> (String, String) {
+    let mut create = cognito.create_user_pool().pool_name(name);
+    if by_email {
+        create = create.username_attributes(UsernameAttributeType::Email);
+    }
+    let pool = create.send().await.expect("pool");
     let pool_id = pool
         .user_pool()
         .and_then(|p| p.id())
         .expect("pool id")
         .to_owned();
-    let app_client = cognito
+    let client = cognito
         .create_user_pool_client()
         .user_pool_id(&pool_id)
-        .client_name("e2e")
+        .client_name(name)
         .explicit_auth_flows(ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
         .explicit_auth_flows(ExplicitAuthFlowsType::AllowRefreshTokenAuth)
         .send()
         .await
         .expect("app client");
-    let client_id = app_client
+    let client_id = client
         .user_pool_client()
         .and_then(|c| c.client_id())
-        .expect("id")
+        .expect("client id")
         .to_owned();
-    let username = "demo.user@example.com".to_owned();
-    cognito
+    (pool_id, client_id)
+}
+
+/// A user with [`PASSWORD`] (and `email`, when given), no welcome message;
+/// returns the Username moto gave it (the sub, in an email-username pool).
+pub(crate) async fn create_user(
+    cognito: &Client,
+    pool_id: &str,
+    username: &str,
+    email: Option<&str>,
+) -> String {
+    let mut create = cognito
         .admin_create_user()
-        .user_pool_id(&pool_id)
-        .username(&username)
-        .message_action(MessageActionType::Suppress)
-        .send()
-        .await
-        .expect("user");
+        .user_pool_id(pool_id)
+        .username(username)
+        .message_action(MessageActionType::Suppress);
+    if let Some(email) = email {
+        create = create.user_attributes(
+            AttributeType::builder()
+                .name("email")
+                .value(email)
+                .build()
+                .expect("attribute"),
+        );
+    }
+    let created = create.send().await.expect("user");
     cognito
         .admin_set_user_password()
-        .user_pool_id(&pool_id)
-        .username(&username)
+        .user_pool_id(pool_id)
+        .username(username)
         .password(PASSWORD)
         .permanent(true)
         .send()
         .await
         .expect("password");
+    created
+        .user()
+        .and_then(|u| u.username())
+        .expect("username")
+        .to_owned()
+}
+
+/// The tokens of one password sign-in.
+pub(crate) struct Tokens {
+    pub(crate) access: String,
+    pub(crate) id: String,
+    pub(crate) refresh: String,
+}
+
+pub(crate) async fn sign_in(
+    cognito: &Client,
+    pool_id: &str,
+    client_id: &str,
+    username: &str,
+) -> Tokens {
     let auth = cognito
         .admin_initiate_auth()
-        .user_pool_id(&pool_id)
-        .client_id(&client_id)
+        .user_pool_id(pool_id)
+        .client_id(client_id)
         .auth_flow(AuthFlowType::AdminUserPasswordAuth)
-        .auth_parameters("USERNAME", &username)
+        .auth_parameters("USERNAME", username)
         .auth_parameters("PASSWORD", PASSWORD)
         .send()
         .await
         .expect("sign in");
     let tokens = auth.authentication_result().expect("tokens");
-    SignedInUser {
-        pool_id,
-        client_id,
-        username,
-        access_token: tokens.access_token().expect("access").to_owned(),
-        id_token: tokens.id_token().expect("id").to_owned(),
-        refresh_token: tokens.refresh_token().expect("refresh").to_owned(),
+    Tokens {
+        access: tokens.access_token().expect("access").to_owned(),
+        id: tokens.id_token().expect("id").to_owned(),
+        refresh: tokens.refresh_token().expect("refresh").to_owned(),
     }
 }
 

@@ -144,45 +144,16 @@ async fn lookups_over_their_own_budget_are_rate_limited_with_no_sign_out_call() 
 /// AliasAttributes aliases, so alias cases run against the fake only.
 #[tokio::test]
 async fn moto_resolves_an_email_username_and_the_sub_before_signing_out() {
-    use aws_sdk_cognitoidentityprovider::types::{
-        AttributeType, MessageActionType, UsernameAttributeType,
-    };
     let moto = crate::moto::Moto::start().await;
     let cognito = moto.client();
-    let pool = cognito
-        .create_user_pool()
-        .pool_name("email-usernames")
-        .username_attributes(UsernameAttributeType::Email)
-        .send()
-        .await
-        .expect("pool");
-    let pool_id = pool.user_pool().and_then(|p| p.id()).expect("pool id");
+    let (pool_id, _) = crate::moto::create_pool(&cognito, "email-usernames", true).await;
     let email = "frank@example.com";
-    let created = cognito
-        .admin_create_user()
-        .user_pool_id(pool_id)
-        .username(email)
-        .user_attributes(
-            AttributeType::builder()
-                .name("email")
-                .value(email)
-                .build()
-                .expect("attribute"),
-        )
-        .message_action(MessageActionType::Suppress)
-        .send()
-        .await
-        .expect("user");
-    let sub = created
-        .user()
-        .and_then(|u| u.username())
-        .expect("username")
-        .to_owned();
+    let sub = crate::moto::create_user(&cognito, &pool_id, email, Some(email)).await;
     let app = TestApp::spawn(test_config(&moto.endpoint)).await;
 
-    app.sign_out(pool_id, email).await.expect("by email");
-    app.sign_out(pool_id, &sub).await.expect("by sub");
-    app.sign_out(pool_id, &sub).await.expect("by sub, cached");
+    app.sign_out(&pool_id, email).await.expect("by email");
+    app.sign_out(&pool_id, &sub).await.expect("by sub");
+    app.sign_out(&pool_id, &sub).await.expect("by sub, cached");
 
     assert_eq!(lookups(&app, "cognito").await, 2);
     assert_eq!(lookups(&app, "cached").await, 1);
