@@ -72,6 +72,13 @@ struct Upstream {
     calls: Mutex<Vec<(Instant, bool)>>,
 }
 
+impl Upstream {
+    /// (when, already revoked) of every call so far.
+    fn calls(&self) -> Vec<(Instant, bool)> {
+        self.calls.lock().expect("not poisoned").clone()
+    }
+}
+
 impl SignOutUpstream for Upstream {
     fn global_sign_out<'a>(
         &'a self,
@@ -240,7 +247,7 @@ async fn the_watermark_is_in_place_before_the_call_and_stays_when_cognito_thrott
         outcome.expect_err("throttled").reason(),
         "COGNITO_THROTTLED"
     );
-    let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
+    let calls = setup.upstream.calls();
     assert_eq!(calls.len(), 1);
     assert!(calls[0].1, "revoked before Cognito was called");
     assert!(setup.revocations.is_revoked(&pool, SUB, now_secs()));
@@ -257,7 +264,7 @@ async fn callers_of_one_job_share_one_lookup() {
     );
 
     assert!(first.is_ok() && second.is_ok());
-    assert_eq!(setup.upstream.calls.lock().expect("not poisoned").len(), 1);
+    assert_eq!(setup.upstream.calls().len(), 1);
     assert_eq!(
         *setup.directory.calls.lock().expect("not poisoned"),
         1,
@@ -277,7 +284,7 @@ async fn the_lookup_runs_while_the_job_waits_for_its_permit() {
         .await
         .expect("signed out");
 
-    let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
+    let calls = setup.upstream.calls();
     let at = calls[0].0 - start;
     assert!(
         at >= Duration::from_millis(990) && at < Duration::from_millis(1100),
@@ -302,14 +309,7 @@ async fn a_failed_lookup_ends_the_job_at_once_with_no_call() {
         "before the permit's slot (1 s): {:?}",
         start.elapsed()
     );
-    assert!(
-        setup
-            .upstream
-            .calls
-            .lock()
-            .expect("not poisoned")
-            .is_empty()
-    );
+    assert!(setup.upstream.calls().is_empty());
     assert!(
         setup.flow.queued().is_empty(),
         "nobody can join a failed job"
@@ -328,7 +328,7 @@ async fn a_lookup_that_ends_within_an_interval_of_the_slot_calls_on_that_permit(
         .await
         .expect("signed out");
 
-    let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
+    let calls = setup.upstream.calls();
     assert_eq!(calls[0].0 - start, Duration::from_millis(1500));
     let wait = next_permit(&setup.flow).await;
     assert_eq!(
@@ -351,7 +351,7 @@ async fn a_lookup_that_ends_later_takes_a_permit_of_its_own() {
         .await
         .expect("signed out");
 
-    let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
+    let calls = setup.upstream.calls();
     assert!(calls[0].0 - start >= Duration::from_millis(2500));
     let wait = next_permit(&setup.flow).await;
     assert_eq!(
@@ -376,7 +376,7 @@ async fn a_job_that_waited_records_its_watermark_again_at_the_permit() {
     let (first, second) = tokio::join!(setup.flow.sign_out(call("a", deadline)), late_joiner);
 
     assert!(first.is_ok() && second.is_ok());
-    assert_eq!(setup.upstream.calls.lock().expect("not poisoned").len(), 1);
+    assert_eq!(setup.upstream.calls().len(), 1);
     assert_eq!(setup.recorded(), 2, "recorded again at the permit");
 }
 
@@ -421,7 +421,7 @@ async fn an_immediate_grant_with_a_slow_lookup_calls_on_that_permit() {
         .await
         .expect("signed out");
 
-    let calls = setup.upstream.calls.lock().expect("not poisoned").clone();
+    let calls = setup.upstream.calls();
     assert_eq!(calls[0].0 - start, Duration::from_millis(2500));
     assert!(calls[0].1, "revoked before the call");
     let wait = next_permit(&setup.flow).await;

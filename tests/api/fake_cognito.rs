@@ -66,6 +66,44 @@ struct Recorder {
     arrived: Notify,
 }
 
+impl Recorder {
+    /// Reads `request` whole, keeps it, wakes `wait_for`; returns its JSON
+    /// body and its number (1 for the first).
+    async fn record(&self, request: Request<hyper::body::Incoming>) -> (serde_json::Value, usize) {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let target = header("x-amz-target");
+        let content_type = header("content-type");
+        let signed = header("authorization").is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
+        let arrived = std::time::Instant::now();
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let number = {
+            let mut requests = self.requests.lock().expect("not poisoned");
+            requests.push(Recorded {
+                target,
+                content_type,
+                signed,
+                body: body.clone(),
+                arrived,
+            });
+            requests.len()
+        };
+        self.arrived.notify_waiters();
+        (body, number)
+    }
+}
+
 /// What AdminGetUser answers: users by the name asked for (canonical
 /// username, sub); any other name is a user of that name.
 #[derive(Default)]
@@ -200,38 +238,9 @@ async fn handle(
     reply: Reply,
     recorded: Arc<Recorder>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let header = |name: &str| {
-        request
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let target = header("x-amz-target");
-    let content_type = header("content-type");
-    let signed = header("authorization").is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
-    let arrived = std::time::Instant::now();
-    let body = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (body, number) = recorded.record(request).await;
     let asked_for_unknown =
         matches!(reply, Reply::UnknownUser(unknown) if body["Username"] == unknown);
-    let number = {
-        let mut requests = recorded.requests.lock().expect("not poisoned");
-        requests.push(Recorded {
-            target,
-            content_type,
-            signed,
-            body,
-            arrived,
-        });
-        requests.len()
-    };
-    recorded.arrived.notify_waiters();
     let reply = match reply {
         Reply::UnknownUser(_) if asked_for_unknown => Reply::AwsError {
             status: 400,
@@ -285,32 +294,8 @@ async fn look_up(
     request: Request<hyper::body::Incoming>,
     directory: Arc<Directory>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let arrived = std::time::Instant::now();
-    let signed = request
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
-    let body = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (body, number) = directory.lookups.record(request).await;
     let requested = body["Username"].as_str().unwrap_or_default().to_owned();
-    let number = {
-        let mut lookups = directory.lookups.requests.lock().expect("not poisoned");
-        lookups.push(Recorded {
-            target: Some("AWSCognitoIdentityProviderService.AdminGetUser".into()),
-            content_type: None,
-            signed,
-            body,
-            arrived,
-        });
-        lookups.len()
-    };
-    directory.lookups.arrived.notify_waiters();
     let reply = directory.reply.lock().expect("not poisoned").clone();
     match reply {
         Some(Reply::UnknownUser(unknown)) if requested == unknown => {
