@@ -17,6 +17,10 @@ pub struct RevocationMetrics {
     pub recorded: IntCounterVec,
     /// `session_revocation_checks_total{result}`.
     pub checks: IntCounterVec,
+    /// Its two series, resolved once: VerifyToken counts one per call.
+    pub checks_clear: IntCounter,
+    /// `result="revoked"`.
+    pub checks_revoked: IntCounter,
     /// `session_revocation_log_lag_seconds`.
     pub lag: Histogram,
     /// `session_revocation_log_resets_total`.
@@ -37,6 +41,14 @@ impl RevocationMetrics {
     /// Registers the series; a second registration (tests with several
     /// services in one process) keeps the first's.
     pub fn new(registry: &Registry) -> Self {
+        let checks = IntCounterVec::new(
+            Opts::new(
+                "session_revocation_checks_total",
+                "VerifyToken watermark checks of otherwise active tokens, by result (clear, revoked).",
+            ),
+            &["result"],
+        )
+        .expect("valid counter");
         let metrics = Self {
             live: IntGauge::new(
                 "session_revocation_watermarks",
@@ -53,14 +65,9 @@ impl RevocationMetrics {
                 &["result"],
             )
             .expect("valid counter"),
-            checks: IntCounterVec::new(
-                Opts::new(
-                    "session_revocation_checks_total",
-                    "VerifyToken watermark checks of otherwise active tokens, by result (clear, revoked).",
-                ),
-                &["result"],
-            )
-            .expect("valid counter"),
+            checks_clear: checks.with_label_values(&["clear"]),
+            checks_revoked: checks.with_label_values(&["revoked"]),
+            checks,
             lag: Histogram::with_opts(
                 HistogramOpts::new(
                     "session_revocation_log_lag_seconds",
@@ -94,9 +101,6 @@ impl RevocationMetrics {
         };
         for result in RECORDED {
             metrics.recorded.with_label_values(&[*result]);
-        }
-        for result in ["clear", "revoked"] {
-            metrics.checks.with_label_values(&[result]);
         }
         let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
             Box::new(metrics.live.clone()),

@@ -176,11 +176,12 @@ impl Revocations {
     /// revoked; counted in `session_revocation_checks_total`.
     pub fn is_revoked(&self, pool: &UserPoolId, sub: &str, auth_time: i64) -> bool {
         let revoked = self.shared.watermarks.is_revoked(pool, sub, auth_time);
-        self.shared
-            .metrics
-            .checks
-            .with_label_values(&[if revoked { "revoked" } else { "clear" }])
-            .inc();
+        let metrics = &self.shared.metrics;
+        if revoked {
+            metrics.checks_revoked.inc();
+        } else {
+            metrics.checks_clear.inc();
+        }
         revoked
     }
 
